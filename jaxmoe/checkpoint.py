@@ -1,0 +1,129 @@
+"""The on-disk layout of a converted jaxmoe checkpoint, and reading it back.
+
+    MODEL_DIR/
+      jaxmoe.json        manifest: format version, ModelConfig, the list of weight units
+      weights/<unit>/    one Orbax checkpoint per unit
+      tokenizer files, generation_config.json, config.json (copied from the source)
+
+A *unit* is the group of tensors written and read together: `embed`, `head` (final norm and
+LM head), `layers.{l}` (everything in a layer but its routed experts) and
+`layers.{l}.experts.{e}` (one routed expert: gate, up, down, each [I, D]). One expert per unit
+lets the offload runtime read any expert without touching the others, and bounds conversion's
+memory by the largest unit. The manifest is written last and the directory appears by an atomic
+rename, so a directory without a valid manifest is never a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxmoe.config import ModelConfig
+
+FORMAT = "jaxmoe-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "jaxmoe.json"
+WEIGHTS = "weights"
+_EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)$")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def unit_of(path: str) -> str:
+    """The unit a dotted parameter path is stored in."""
+    m = _EXPERT.match(path)
+    if m:
+        return f"layers.{m[1]}.experts.{m[2]}"
+    if path.startswith("layers."):
+        return ".".join(path.split(".")[:2])
+    return "embed" if path.startswith("embed.") else "head"
+
+
+def expert_unit(layer: int, expert: int) -> str:
+    return f"layers.{layer}.experts.{expert}"
+
+
+def read_manifest(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(
+            f"{model_dir} is not a jaxmoe checkpoint (no {MANIFEST}); convert a Hugging Face model with `jaxmoe convert`"
+        )
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unknown format {manifest.get('format')!r} version {manifest.get('version')!r}")
+    return manifest
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    return ModelConfig.from_json(read_manifest(model_dir)["config"])
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointer()
+
+
+def read_unit(model_dir: str | Path, unit: str) -> dict[str, np.ndarray]:
+    """One unit as {dotted path: numpy array}."""
+    path = Path(model_dir).absolute() / WEIGHTS / unit
+    if not path.is_dir():
+        raise CheckpointError(f"{model_dir}: weight unit {unit!r} is missing ({path})")
+    tree = _checkpointer().restore(path)
+    return {k: np.asarray(v) for k, v in tree.items()}
+
+
+def write_unit(model_dir: Path, unit: str, tensors: dict[str, np.ndarray]) -> None:
+    _checkpointer().save((model_dir / WEIGHTS / unit).absolute(), tensors)
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+    """{'a.0.b': x} -> {'a': {0: {'b': x}}}, integer keys where NNX uses list indices."""
+    root: dict = {}
+    for path, value in flat.items():
+        node = root
+        keys = [int(p) if p.isdigit() else p for p in path.split(".")]
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return root
+
+
+def load_params(
+    model_dir: str | Path,
+    config: ModelConfig | None = None,
+    place: Callable[[np.ndarray], Any] | None = None,
+    place_experts: Callable[[np.ndarray], Any] | None = None,
+) -> dict:
+    """Read every unit into the model's pure-dict parameter tree.
+
+    Routed experts are stacked per layer into [E, I, D]. `place` puts a non-expert array where it
+    belongs (default: the default device); `place_experts` does the same for stacked experts, so
+    the offload runtime can keep them in host memory.
+    """
+    import jax
+
+    manifest = read_manifest(model_dir)
+    config = config or ModelConfig.from_json(manifest["config"])
+    place = place or jax.device_put
+    place_experts = place_experts or place
+    flat: dict[str, Any] = {}
+    for unit in manifest["units"]:
+        if ".experts." in unit:
+            continue
+        flat.update({k: place(v) for k, v in read_unit(model_dir, unit).items()})
+    for layer in config.moe_layer_ids:
+        experts = [read_unit(model_dir, expert_unit(layer, e)) for e in range(config.num_experts)]
+        for name in ("gate", "up", "down"):
+            stacked = np.stack([ex[f"layers.{layer}.mlp.experts.{e}.{name}"] for e, ex in enumerate(experts)])
+            flat[f"layers.{layer}.mlp.{name}"] = place_experts(stacked)
+        del experts
+    return _nest(flat)

@@ -1,0 +1,265 @@
+"""Loading a converted model and generating text with jitted prefill and decode.
+
+The jit boundary. Two compiled functions do all device work: `prefill` runs the padded prompt
+(length bucketed to a power of two, so new prompts reuse compiled code) through the model into a
+fixed-length KV cache; `decode` runs one token. Both are pure functions of (graph definition,
+parameter state, tokens, positions, cache), the cache is donated so XLA updates it in place, and
+positions and sampling settings are traced, so nothing but a new bucket or cache length ever
+compiles. The token loop stays in Python: it streams text, checks stop tokens, and dispatches
+step n+1 before reading step n's token, so host work overlaps device work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmoe import checkpoint as ckpt
+from jaxmoe.config import ModelConfig
+from jaxmoe.models.transformer import KVCache, abstract_model
+from jaxmoe.sampling import SamplingParams, greedy, sample
+
+MIN_BUCKET = 16
+MIN_CACHE = 256
+
+
+class ContextLengthError(ValueError):
+    pass
+
+
+def next_pow2(n: int, floor: int) -> int:
+    size = floor
+    while size < n:
+        size *= 2
+    return size
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    text: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # new tokens only, a stop token included
+    stop_reason: str  # "eos" | "length" | "context"
+    ttft_s: float  # request start to first new token, compile excluded
+    prefill_s: float
+    decode_tokens_per_s: float  # steady state over the decode steps, compile excluded
+    compile_s: float  # compilation done by this request (0 when all code was cached)
+    prompt_bucket: int
+    cache_length: int
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(out.pop("extra"))
+        return out
+
+
+def _prefill(graphdef, state, tokens, length, cache):
+    model = nnx.merge(graphdef, state)
+    hidden, cache, _ = model(tokens, 0, cache)
+    last = jax.lax.dynamic_index_in_dim(hidden, length - 1, axis=1, keepdims=False)  # [B, D]
+    return model.logits(last), cache
+
+
+def _decode(graphdef, state, token, pos, cache, key, params, *, greedy_only: bool):
+    model = nnx.merge(graphdef, state)
+    hidden, cache, _ = model(token[:, None], pos, cache)
+    logits = model.logits(hidden[:, 0])
+    nxt = greedy(logits) if greedy_only else sample(logits, key, params)
+    return nxt, logits, cache
+
+
+def _forward(graphdef, state, tokens, cache):
+    model = nnx.merge(graphdef, state)
+    hidden, _, routing = model(tokens, 0, cache)
+    return model.logits(hidden), routing
+
+
+class Engine:
+    """A loaded model: parameters on the device, the tokenizer, and compiled step functions."""
+
+    def __init__(self, config: ModelConfig, params: dict, tokenizer=None, model_dir: Path | None = None):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.model_dir = model_dir
+        self.graphdef, state = nnx.split(abstract_model(config))
+        nnx.replace_by_pure_dict(state, params)
+        self.state = state
+        self._compiled: dict[tuple, Any] = {}
+        self._jit_prefill = jax.jit(_prefill, static_argnums=0, donate_argnums=4)
+        self._jit_decode = jax.jit(_decode, static_argnums=0, static_argnames="greedy_only", donate_argnums=4)
+        self._jit_forward = jax.jit(_forward, static_argnums=0)
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> Engine:
+        model_dir = Path(model_dir)
+        config = ckpt.load_config(model_dir)
+        params = ckpt.load_params(model_dir, config)
+        return cls(config, params, _load_tokenizer(model_dir), model_dir)
+
+    # -- compiled functions, compiled ahead of time so compile time is measured apart -------------
+
+    def _compiled_fn(self, key: tuple, jitted, *args, **static) -> tuple[Callable, float]:
+        """Compile once per key; the result takes the arguments after the graph definition."""
+        if key in self._compiled:
+            return self._compiled[key], 0.0
+        t = time.perf_counter()
+        fn = jitted.lower(self.graphdef, self.state, *args, **static).compile()
+        self._compiled[key] = fn
+        return fn, time.perf_counter() - t
+
+    def new_cache(self, batch: int, length: int) -> KVCache:
+        return KVCache.zeros(self.config, batch, length)
+
+    def forward(self, tokens: np.ndarray) -> tuple[np.ndarray, list]:
+        """Full forward pass without a prior cache: tokens [B, T] -> (logits [B, T, V], routing)."""
+        tokens = jnp.asarray(tokens, jnp.int32)
+        cache = self.new_cache(tokens.shape[0], tokens.shape[1])
+        logits, routing = self._jit_forward(self.graphdef, self.state, tokens, cache)
+        return np.asarray(logits), routing
+
+    # -- generation --------------------------------------------------------------------------------
+
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass token ids")
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ValueError("--chat: this model's tokenizer has no chat template")
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        prompt_ids: list[int] | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        chat: bool = False,
+        stream: Callable[[str], None] | None = None,
+        return_logits: bool = False,
+    ) -> GenerationResult:
+        """Generate from a text prompt (or token ids). temperature 0 is greedy."""
+        t_request = time.perf_counter()
+        ids = list(prompt_ids) if prompt_ids is not None else self.encode(prompt, chat)
+        n = len(ids)
+        context = self.config.max_position_embeddings
+        if n == 0:
+            raise ValueError("empty prompt")
+        if n >= context:
+            raise ContextLengthError(f"prompt has {n} tokens; the model's context is {context} tokens")
+        bucket = min(next_pow2(n, MIN_BUCKET), context)
+        cache_len = min(next_pow2(n + max_new_tokens, max(MIN_CACHE, bucket)), context)
+        budget = min(max_new_tokens, cache_len - n)
+
+        greedy_only = temperature <= 0
+        sampling = SamplingParams.make(max(temperature, 1e-6), top_k, top_p)
+        cache = self.new_cache(1, cache_len)
+        tokens = jnp.asarray(np.pad(np.asarray(ids, np.int32), (0, bucket - n))[None])
+        length = jnp.int32(n)
+        base_key = jax.random.key(seed)
+        pos0 = jnp.int32(n)
+        prefill, c1 = self._compiled_fn(("prefill", bucket, cache_len), self._jit_prefill, tokens, length, cache)
+        decode, c2 = self._compiled_fn(
+            ("decode", cache_len, greedy_only), self._jit_decode,
+            jnp.zeros((1,), jnp.int32), pos0, cache, base_key, sampling, greedy_only=greedy_only,
+        )
+        compile_s = c1 + c2
+        t_start = time.perf_counter()
+
+        logits, cache = prefill(self.state, tokens, length, cache)
+        first = greedy(logits) if greedy_only else sample(logits, jax.random.fold_in(base_key, 0), sampling)
+        out: list[int] = [int(first[0])]
+        t_first = time.perf_counter()
+        all_logits = [np.asarray(logits[0])] if return_logits else None
+        eos = set(self.config.eos_token_ids)
+        printer = _TextStream(self.tokenizer, stream)
+        printer.push(out)
+
+        stop = "eos" if out[0] in eos else None
+        token, pos, queued = first, n, None
+        while stop is None:
+            step = None
+            if len(out) + (queued is not None) < budget:
+                # Dispatch step n+1 before reading step n's token: host and device overlap.
+                key = jax.random.fold_in(base_key, pos - n + 1)
+                token, step_logits, cache = decode(self.state, token, jnp.int32(pos), cache, key, sampling)
+                pos += 1
+                step = (token, step_logits)
+            if queued is not None:
+                out.append(int(queued[0][0]))
+                if return_logits:
+                    all_logits.append(np.asarray(queued[1][0]))
+                printer.push(out)
+                if out[-1] in eos:
+                    stop = "eos"
+            queued = step
+            if queued is None:
+                break
+        if stop is None:
+            stop = "length" if budget == max_new_tokens else "context"
+        t_end = time.perf_counter()
+
+        decode_steps = len(out) - 1
+        result = GenerationResult(
+            text=printer.text(out),
+            prompt_token_ids=ids,
+            token_ids=out,
+            stop_reason=stop,
+            ttft_s=t_first - t_request - compile_s,
+            prefill_s=t_first - t_start,
+            decode_tokens_per_s=decode_steps / (t_end - t_first) if decode_steps else 0.0,
+            compile_s=compile_s,
+            prompt_bucket=bucket,
+            cache_length=cache_len,
+        )
+        if return_logits:
+            result.extra["logits"] = np.stack(all_logits)
+        return result
+
+
+class _TextStream:
+    """Incremental detokenisation: emit only text that will not change with the next token."""
+
+    def __init__(self, tokenizer, sink: Callable[[str], None] | None):
+        self.tokenizer, self.sink, self.shown = tokenizer, sink, 0
+
+    def text(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, ids: list[int]) -> None:
+        if self.sink is None or self.tokenizer is None:
+            return
+        text = self.text(ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence; wait for the next token
+            return
+        if len(text) > self.shown:
+            self.sink(text[self.shown :])
+            self.shown = len(text)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    return AutoTokenizer.from_pretrained(str(model_dir))

@@ -1,0 +1,85 @@
+"""Routing and routed-expert computation as pure functions.
+
+Dimension letters: N tokens, D hidden, E experts, I expert intermediate, k experts per token.
+
+Expert weights are stored intermediate-major, `gate`, `up`, `down`: [E, I, D] each, so that the
+first r*I rows of all three are one expert's *top segment* (MoEpic's vertical split) and any
+segment of an expert is a contiguous row range. An expert computes
+    down^T (act(gate x) * (up x)),
+which is a sum over the intermediate rows, so top(x) + bottom(x) equals the whole expert exactly.
+
+`experts_reference` (a naive loop over experts) is the definition; `experts_gathered` (few tokens:
+decode) and `experts_grouped` (many tokens: prefill) are the fast paths and must match it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
+
+
+def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
+    """Softmax over experts in float32, then exact top-k; optionally renormalise the k weights.
+
+    Returns (weights [N, k] float32, expert ids [N, k] int32). This is the order every supported
+    family uses (Mixtral always renormalises; Qwen and OLMoE follow `norm_topk_prob`).
+    """
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    weights, ids = jax.lax.top_k(probs, top_k)
+    if norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, ids.astype(jnp.int32)
+
+
+def expert_ffn(x, gate, up, down, act="silu"):
+    """One expert (or one segment of it) on tokens x [N, D]; gate/up/down [I, D] -> [N, D]."""
+    h = ACTIVATIONS[act](x @ gate.T) * (x @ up.T)  # [N, I]
+    return h @ down
+
+
+def experts_reference(x, weights, ids, gate, up, down, act="silu"):
+    """Naive loop over every expert: the definition the fast paths are tested against."""
+    out = jnp.zeros(x.shape, jnp.float32)
+    for e in range(gate.shape[0]):
+        w = jnp.sum(jnp.where(ids == e, weights, 0.0), axis=-1)  # [N]
+        out = out + w[:, None] * expert_ffn(x, gate[e], up[e], down[e], act).astype(jnp.float32)
+    return out.astype(x.dtype)
+
+
+def experts_gathered(x, weights, ids, gate, up, down, act="silu"):
+    """Few tokens: read only the selected experts' weights ([N, k, I, D]) and combine."""
+    g, u, d = gate[ids], up[ids], down[ids]  # [N, k, I, D]
+    h = ACTIVATIONS[act](jnp.einsum("nd,nkid->nki", x, g)) * jnp.einsum("nd,nkid->nki", x, u)
+    y = jnp.einsum("nki,nkid->nkd", h, d)  # [N, k, D]
+    return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(x.dtype)
+
+
+_CONTRACT_D = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0]
+)
+
+
+def experts_grouped(x, weights, ids, gate, up, down, act="silu"):
+    """Many tokens: sort (token, expert) pairs by expert and run grouped matmuls (ragged dot)."""
+    n, k = ids.shape
+    num_experts = gate.shape[0]
+    flat_ids = ids.reshape(-1)  # [N*k]
+    order = jnp.argsort(flat_ids, stable=True)
+    token_of = order // k
+    xs = x[token_of]  # [N*k, D]
+    group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
+    hg = jax.lax.ragged_dot_general(xs, gate, group_sizes, _CONTRACT_D)
+    hu = jax.lax.ragged_dot_general(xs, up, group_sizes, _CONTRACT_D)
+    ys = jax.lax.ragged_dot(ACTIVATIONS[act](hg) * hu, down, group_sizes)  # [N*k, D]
+    ys = ys.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+    out = jnp.zeros((n, x.shape[-1]), jnp.float32).at[token_of].add(ys)
+    return out.astype(x.dtype)
+
+
+def experts_auto(x, weights, ids, gate, up, down, act="silu"):
+    """Pick the path by the (static) number of token-expert pairs against the expert count."""
+    if ids.size < gate.shape[0]:
+        return experts_gathered(x, weights, ids, gate, up, down, act)
+    return experts_grouped(x, weights, ids, gate, up, down, act)

@@ -1,0 +1,221 @@
+"""The Flax (NNX) decoder shared by every supported MoE family.
+
+Dimension letters: B batch, T new tokens, S cache length, D hidden, H query heads, K key/value
+heads, G = H/K query heads per key/value head, Hd head dim, V vocabulary, E experts, I expert
+intermediate size, k experts per token.
+
+The model is a pure function of its parameters and a fixed-length KV cache: `__call__` writes the
+new tokens' keys and values at `start` and attends causally over the whole static cache, so
+prefill (T = prompt bucket) and decode (T = 1) share one code path and never change shape.
+Routed-expert computation is delegated to `MoEBlock.experts_fn`, the seam the offload runtime
+uses to run experts out of a device cache instead of resident weights.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from jaxmoe.config import ModelConfig
+from jaxmoe.models import moe as moe_ops
+
+
+@struct.dataclass
+class KVCache:
+    k: tuple[jax.Array, ...]  # per layer [B, S, K, Hd]
+    v: tuple[jax.Array, ...]
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, batch: int, length: int, sharding=None) -> KVCache:
+        shape = (batch, length, config.num_kv_heads, config.head_dim)
+
+        def z():
+            return jnp.zeros(shape, config.jnp_dtype, device=sharding)
+
+        return cls(k=tuple(z() for _ in range(config.num_layers)), v=tuple(z() for _ in range(config.num_layers)))
+
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[1]
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k + self.v)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * y.astype(x.dtype)
+
+
+def _linear(d_in, d_out, bias, dtype, rngs):
+    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+def rope(x, positions, theta: float):
+    """Rotary embedding, half-split convention (rotate_half), angles in float32. x: [B, T, n, Hd]."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class Attention(nnx.Module):
+    def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
+        dt, d = c.jnp_dtype, c.hidden_size
+        self.c = c
+        self.q = _linear(d, c.num_heads * c.head_dim, c.qkv_bias, dt, rngs)
+        self.k = _linear(d, c.num_kv_heads * c.head_dim, c.qkv_bias, dt, rngs)
+        self.v = _linear(d, c.num_kv_heads * c.head_dim, c.qkv_bias, dt, rngs)
+        self.o = _linear(c.num_heads * c.head_dim, d, c.o_bias, dt, rngs)
+        if c.qk_norm == "head":
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dt)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dt)
+        elif c.qk_norm == "full":
+            self.q_norm = RMSNorm(c.num_heads * c.head_dim, c.rms_norm_eps, dt)
+            self.k_norm = RMSNorm(c.num_kv_heads * c.head_dim, c.rms_norm_eps, dt)
+
+    def __call__(self, x, start, k_cache, v_cache):
+        """x [B, T, D]; caches [B, S, K, Hd]; start: position of x[:, 0]. Returns (y, k_cache, v_cache)."""
+        c = self.c
+        b, t, _ = x.shape
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if c.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if c.clip_qkv is not None:
+            q, k, v = (jnp.clip(a, -c.clip_qkv, c.clip_qkv) for a in (q, k, v))
+        q = q.reshape(b, t, c.num_heads, c.head_dim)
+        k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+        if c.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, start, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, start, 0, 0))
+
+        groups = c.num_heads // c.num_kv_heads
+        qg = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
+        scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_cache).astype(jnp.float32) * c.head_dim**-0.5
+        q_pos = start + jnp.arange(t)[:, None]  # [T, 1]
+        k_pos = jnp.arange(k_cache.shape[1])[None, :]  # [1, S]
+        visible = k_pos <= q_pos
+        if c.sliding_window:
+            visible &= q_pos - k_pos < c.sliding_window
+        scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        y = jnp.einsum("bkgts,bskh->btkgh", probs, v_cache).reshape(b, t, c.num_heads * c.head_dim)
+        return self.o(y), k_cache, v_cache
+
+
+class DenseMLP(nnx.Module):
+    def __init__(self, d: int, i: int, act: str, dtype, rngs: nnx.Rngs):
+        self.gate = _linear(d, i, False, dtype, rngs)
+        self.up = _linear(d, i, False, dtype, rngs)
+        self.down = _linear(i, d, False, dtype, rngs)
+        self.act = act
+
+    def __call__(self, x):
+        return self.down(moe_ops.ACTIVATIONS[self.act](self.gate(x)) * self.up(x))
+
+
+class MoEBlock(nnx.Module):
+    """Router, routed experts ([E, I, D] each, see jaxmoe.models.moe) and an optional shared expert."""
+
+    def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
+        dt, d, e, i = c.jnp_dtype, c.hidden_size, c.num_experts, c.moe_intermediate_size
+        self.c = c
+        self.router = _linear(d, e, False, dt, rngs)
+        self.gate = nnx.Param(jnp.zeros((e, i, d), dt))
+        self.up = nnx.Param(jnp.zeros((e, i, d), dt))
+        self.down = nnx.Param(jnp.zeros((e, i, d), dt))
+        if c.shared_expert_intermediate_size:
+            self.shared = DenseMLP(d, c.shared_expert_intermediate_size, c.hidden_act, dt, rngs)
+            self.shared_gate = _linear(d, 1, False, dt, rngs)
+
+    def routing(self, x):
+        """x [N, D] -> (weights [N, k] float32, ids [N, k])."""
+        return moe_ops.route(self.router(x), self.c.top_k, self.c.norm_topk_prob)
+
+    def __call__(self, x, experts_fn=None):
+        """x [B, T, D] -> (y [B, T, D], (weights, ids) [B*T, k])."""
+        b, t, d = x.shape
+        flat = x.reshape(b * t, d)
+        weights, ids = self.routing(flat)
+        fn = experts_fn or moe_ops.experts_auto
+        y = fn(flat, weights, ids, self.gate[...], self.up[...], self.down[...], self.c.hidden_act)
+        if self.c.shared_expert_intermediate_size:
+            y = y + jax.nn.sigmoid(self.shared_gate(flat)) * self.shared(flat)
+        return y.reshape(b, t, d), (weights, ids)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, c: ModelConfig, layer: int, rngs: nnx.Rngs):
+        dt = c.jnp_dtype
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dt)
+        self.attn = Attention(c, rngs)
+        self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dt)
+        self.is_moe = c.moe_layers[layer]
+        if self.is_moe:
+            self.mlp = MoEBlock(c, rngs)
+        else:
+            self.mlp = DenseMLP(c.hidden_size, c.intermediate_size, c.hidden_act, dt, rngs)
+
+    def __call__(self, x, start, k_cache, v_cache, experts_fn=None):
+        h, k_cache, v_cache = self.attn(self.attn_norm(x), start, k_cache, v_cache)
+        x = x + h
+        routing = None
+        if self.is_moe:
+            h, routing = self.mlp(self.mlp_norm(x), experts_fn)
+        else:
+            h = self.mlp(self.mlp_norm(x))
+        return x + h, k_cache, v_cache, routing
+
+
+class Transformer(nnx.Module):
+    def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
+        dt = c.jnp_dtype
+        self.c = c
+        self.embed = nnx.Embed(c.vocab_size, c.hidden_size, dtype=dt, param_dtype=dt, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(c, i, rngs) for i in range(c.num_layers)])
+        self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dt)
+        if not c.tie_word_embeddings:
+            self.lm_head = _linear(c.hidden_size, c.vocab_size, False, dt, rngs)
+
+    def __call__(self, tokens, start, cache: KVCache, experts_fn=None):
+        """tokens [B, T] at positions start.. -> (hidden [B, T, D], cache, per-MoE-layer routing)."""
+        x = self.embed(tokens)
+        ks, vs, routing = list(cache.k), list(cache.v), []
+        for i, layer in enumerate(self.layers):
+            x, ks[i], vs[i], r = layer(x, start, ks[i], vs[i], experts_fn)
+            if r is not None:
+                routing.append(r)
+        return self.final_norm(x), KVCache(k=tuple(ks), v=tuple(vs)), routing
+
+    def logits(self, hidden):
+        """hidden [..., D] -> logits [..., V] in float32."""
+        if self.c.tie_word_embeddings:
+            out = self.embed.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+
+def abstract_model(config: ModelConfig) -> Transformer:
+    """The model's structure with shape-only parameters (no memory allocated)."""
+    return nnx.eval_shape(lambda: Transformer(config, nnx.Rngs(0)))
+
+
+def param_count(config: ModelConfig) -> int:
+    _, state = nnx.split(abstract_model(config))
+    return sum(int(x.size) for x in jax.tree.leaves(state))
