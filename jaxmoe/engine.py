@@ -30,6 +30,22 @@ from jaxmoe.sampling import SamplingParams, greedy, sample
 
 MIN_BUCKET = 16
 MIN_CACHE = 256
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_seconds = [0.0]
+
+
+def _on_jax_event(name: str, seconds: float, **_) -> None:
+    if name in _COMPILE_EVENTS:
+        _compile_seconds[0] += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_jax_event)
+
+
+def compile_clock() -> float:
+    """Seconds JAX has spent tracing, lowering and compiling in this process so far."""
+    return _compile_seconds[0]
 
 
 class ContextLengthError(ValueError):
@@ -106,16 +122,37 @@ class Engine:
         params = ckpt.load_params(model_dir, config)
         return cls(config, params, _load_tokenizer(model_dir), model_dir)
 
-    # -- compiled functions, compiled ahead of time so compile time is measured apart -------------
+    # -- compiled functions ------------------------------------------------------------------------
 
-    def _compiled_fn(self, key: tuple, jitted, *args, **static) -> tuple[Callable, float]:
+    def _compiled_fn(self, key: tuple, jitted, *args, **static) -> Callable:
         """Compile once per key; the result takes the arguments after the graph definition."""
-        if key in self._compiled:
-            return self._compiled[key], 0.0
-        t = time.perf_counter()
-        fn = jitted.lower(self.graphdef, self.state, *args, **static).compile()
-        self._compiled[key] = fn
-        return fn, time.perf_counter() - t
+        if key not in self._compiled:
+            self._compiled[key] = jitted.lower(self.graphdef, self.state, *args, **static).compile()
+        return self._compiled[key]
+
+    def _step_functions(self, bucket, cache_len, greedy_only, tokens, length, cache, key, sampling):
+        """(prefill, decode) for these shapes, compiled ahead of time and cached.
+
+        prefill(tokens, length, cache) -> (logits [1, V], cache)
+        decode(token, pos, cache, key, sampling) -> (next token [1], logits [1, V], cache)
+        """
+        prefill = self._compiled_fn(("prefill", bucket, cache_len), self._jit_prefill, tokens, length, cache)
+        decode = self._compiled_fn(
+            ("decode", cache_len, greedy_only), self._jit_decode,
+            jnp.zeros((1,), jnp.int32), jnp.int32(0), cache, key, sampling, greedy_only=greedy_only,
+        )
+        state = self.state
+        return (lambda *a: prefill(state, *a)), (lambda *a: decode(state, *a))
+
+    def _begin_request(self) -> None:
+        """Hook for engines that keep per-request state."""
+
+    def _request_report(self, result: GenerationResult) -> dict[str, Any]:
+        """Hook: engine-specific figures added to a generation result."""
+        return {}
+
+    def max_context(self) -> int:
+        return self.config.max_position_embeddings
 
     def new_cache(self, batch: int, length: int) -> KVCache:
         return KVCache.zeros(self.config, batch, length)
@@ -156,14 +193,14 @@ class Engine:
         return_logits: bool = False,
     ) -> GenerationResult:
         """Generate from a text prompt (or token ids). temperature 0 is greedy."""
-        t_request = time.perf_counter()
+        t_request, compiled_before = time.perf_counter(), compile_clock()
         ids = list(prompt_ids) if prompt_ids is not None else self.encode(prompt, chat)
         n = len(ids)
-        context = self.config.max_position_embeddings
+        context = self.max_context()
         if n == 0:
             raise ValueError("empty prompt")
         if n >= context:
-            raise ContextLengthError(f"prompt has {n} tokens; the model's context is {context} tokens")
+            raise ContextLengthError(f"prompt has {n} tokens; the context is {context} tokens")
         bucket = min(next_pow2(n, MIN_BUCKET), context)
         cache_len = min(next_pow2(n + max_new_tokens, max(MIN_CACHE, bucket)), context)
         budget = min(max_new_tokens, cache_len - n)
@@ -174,19 +211,15 @@ class Engine:
         tokens = jnp.asarray(np.pad(np.asarray(ids, np.int32), (0, bucket - n))[None])
         length = jnp.int32(n)
         base_key = jax.random.key(seed)
-        pos0 = jnp.int32(n)
-        prefill, c1 = self._compiled_fn(("prefill", bucket, cache_len), self._jit_prefill, tokens, length, cache)
-        decode, c2 = self._compiled_fn(
-            ("decode", cache_len, greedy_only), self._jit_decode,
-            jnp.zeros((1,), jnp.int32), pos0, cache, base_key, sampling, greedy_only=greedy_only,
-        )
-        compile_s = c1 + c2
+        prefill, decode = self._step_functions(bucket, cache_len, greedy_only, tokens, length, cache,
+                                                          base_key, sampling)
+        self._begin_request()
         t_start = time.perf_counter()
 
-        logits, cache = prefill(self.state, tokens, length, cache)
+        logits, cache = prefill(tokens, length, cache)
         first = greedy(logits) if greedy_only else sample(logits, jax.random.fold_in(base_key, 0), sampling)
         out: list[int] = [int(first[0])]
-        t_first = time.perf_counter()
+        t_first, compiled_first = time.perf_counter(), compile_clock()
         all_logits = [np.asarray(logits[0])] if return_logits else None
         eos = set(self.config.eos_token_ids)
         printer = _TextStream(self.tokenizer, stream)
@@ -199,7 +232,7 @@ class Engine:
             if len(out) + (queued is not None) < budget:
                 # Dispatch step n+1 before reading step n's token: host and device overlap.
                 key = jax.random.fold_in(base_key, pos - n + 1)
-                token, step_logits, cache = decode(self.state, token, jnp.int32(pos), cache, key, sampling)
+                token, step_logits, cache = decode(token, jnp.int32(pos), cache, key, sampling)
                 pos += 1
                 step = (token, step_logits)
             if queued is not None:
@@ -214,7 +247,7 @@ class Engine:
                 break
         if stop is None:
             stop = "length" if budget == max_new_tokens else "context"
-        t_end = time.perf_counter()
+        t_end, compiled_end = time.perf_counter(), compile_clock()
 
         decode_steps = len(out) - 1
         result = GenerationResult(
@@ -222,13 +255,14 @@ class Engine:
             prompt_token_ids=ids,
             token_ids=out,
             stop_reason=stop,
-            ttft_s=t_first - t_request - compile_s,
+            ttft_s=t_first - t_request - (compiled_first - compiled_before),
             prefill_s=t_first - t_start,
-            decode_tokens_per_s=decode_steps / (t_end - t_first) if decode_steps else 0.0,
-            compile_s=compile_s,
+            decode_tokens_per_s=decode_steps / (t_end - t_first - (compiled_end - compiled_first)) if decode_steps else 0.0,
+            compile_s=compiled_end - compiled_before,
             prompt_bucket=bucket,
             cache_length=cache_len,
         )
+        result.extra.update(self._request_report(result))
         if return_logits:
             result.extra["logits"] = np.stack(all_logits)
         return result

@@ -83,3 +83,11 @@ def experts_auto(x, weights, ids, gate, up, down, act="silu"):
     if ids.size < gate.shape[0]:
         return experts_gathered(x, weights, ids, gate, up, down, act)
     return experts_grouped(x, weights, ids, gate, up, down, act)
+
+
+def experts_segments(x, coef, w, act="silu"):
+    """Experts (or one segment of each) packed as w [K, 3, R, D] = (gate, up, down) rows, combined
+    with per-token coefficients coef [N, K] (zero where a token does not use the expert)."""
+    h = ACTIVATIONS[act](jnp.einsum("nd,krd->nkr", x, w[:, 0])) * jnp.einsum("nd,krd->nkr", x, w[:, 1])
+    y = jnp.einsum("nkr,krd->nkd", h, w[:, 2])
+    return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), coef)

@@ -1,0 +1,321 @@
+"""Generation with routed experts in host memory and a planned expert cache on the device.
+
+Design. Each layer runs as two jitted calls dispatched from Python: `attn_router` (attention,
+the router, and the next layer's router applied to this layer's hidden state, which predicts
+the next layer's experts) and `experts` (writes newly arrived segments into the layer's cache,
+then computes the chosen experts from cache slots). Between them the host reads the router's
+choice (one small device->host sync per layer), asks the layer's `LayerController` (the same
+code the trace simulator runs) what to fetch and where it goes, and issues eager `device_put`s
+from `pinned_host` arrays. Eager transfers run on their own stream, so the next layer's predicted
+experts move while this layer's experts and the next attention compute. Every buffer shape is
+fixed by the plan before the first compile; slot numbers and expert ids are traced arrays, so a
+new routing decision never recompiles.
+
+Why not one jit per token with data-dependent slices of host arrays inside it: policies would
+have to live in XLA (and again, differently, in the simulator), fetching "only the misses" needs
+data-dependent control flow around host->device copies that XLA's GPU pipeline does not
+reliably support, and a fixed number of masked fetches per layer would move bytes that a hit does
+not need. The per-layer sync costs tens of microseconds on a GPU against milliseconds of
+transfer per layer at any budget that offloads.
+
+Layout. A layer with split ratio r keeps, per cached expert, its top segment (the first
+round(r*I) intermediate rows of gate, up and down, packed [3, R, D]) in a slot of a [C, 3, R, D]
+device array. Whole experts are r = 1. A needed expert whose top is cached moves only its bottom
+segment; a missing one moves both; the output is top(x) + bottom(x), exactly the expert.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import SingleDeviceSharding
+
+from jaxmoe import checkpoint as ckpt
+from jaxmoe.config import ModelConfig
+from jaxmoe.engine import Engine, GenerationResult, _load_tokenizer
+from jaxmoe.models.moe import experts_segments
+from jaxmoe.models.transformer import KVCache
+from jaxmoe.offload import plan as planning
+from jaxmoe.offload import policies
+from jaxmoe.offload.cache import Counters, LayerCache, LayerController
+from jaxmoe.offload.plan import OffloadPlan
+from jaxmoe.sampling import greedy, sample
+
+
+def memory(kind: str):
+    return SingleDeviceSharding(jax.devices()[0], memory_kind=kind)
+
+
+class HostExpertStore:
+    """Every routed expert in pinned host memory as (top, bottom) segments, each [3, R, D]."""
+
+    def __init__(self, model_dir: Path, config: ModelConfig, plan: OffloadPlan):
+        host = memory("pinned_host")
+        self.top: dict[int, list[jax.Array]] = {}
+        self.bottom: dict[int, list[jax.Array | None]] = {}
+        for p in plan.layers:
+            tops, bottoms = [], []
+            for e in range(config.num_experts):
+                unit = ckpt.read_unit(model_dir, ckpt.expert_unit(p.layer, e))
+                prefix = f"layers.{p.layer}.mlp.experts.{e}."
+                packed = np.stack([unit[prefix + n] for n in ("gate", "up", "down")])  # [3, I, D]
+                tops.append(jax.device_put(np.ascontiguousarray(packed[:, : p.split_rows]), host))
+                rest = packed[:, p.split_rows :]
+                bottoms.append(jax.device_put(np.ascontiguousarray(rest), host) if rest.shape[1] else None)
+            self.top[p.layer], self.bottom[p.layer] = tops, bottoms
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for layer in (*self.top.values(), *self.bottom.values()) for a in layer if a is not None)
+
+
+# -- per-layer device functions ------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2), donate_argnums=(6, 7))
+def _attn_router(layer_def, layer_state, next_def, next_state, x, start, k, v):
+    """Attention and routing of one MoE layer, plus the next layer's router on this hidden state."""
+    layer = nnx.merge(layer_def, layer_state)
+    h, k, v = layer.attn(layer.attn_norm(x), start, k, v)
+    x = x + h
+    b, t, d = x.shape
+    hn = layer.mlp_norm(x)
+    weights, ids = layer.mlp.routing(hn.reshape(b * t, d))
+    predicted = None
+    if next_def is not None:
+        nxt = nnx.merge(next_def, next_state)
+        _, predicted = nxt.mlp.routing(nxt.mlp_norm(x).reshape(b * t, d))
+    return x, hn, weights, ids, predicted, k, v
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(4, 5))
+def _dense_layer(layer_def, layer_state, x, start, k, v):
+    x, k, v, _ = nnx.merge(layer_def, layer_state)(x, start, k, v)
+    return x, k, v
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="finish", donate_argnums=(4, 11))
+def _experts(layer_def, layer_state, x, hn, acc, weights, ids, valid, members, slots, bottoms, cache,
+             new_tops, new_slots, *, finish: bool):
+    """Write arrived top segments into the cache, then add the chunk's experts to `acc`.
+
+    members [K] expert ids (-1 pads), slots [K] their cache slots, bottoms: K arrays [3, I-R, D]
+    (empty tuple without a split), new_tops: M arrays [3, R, D] written at new_slots [M] (index C,
+    out of range, means no write). With `finish`, returns the layer output instead of `acc`.
+    """
+    cache = cache.at[new_slots].set(jnp.stack(new_tops), mode="drop")
+    b, t, d = hn.shape
+    flat = hn.reshape(b * t, d)
+    token_ok = (jnp.arange(b * t) < valid)[:, None]  # padded prompt positions take no experts
+    coef = jnp.sum(jnp.where((ids[:, :, None] == members[None, None, :]) & token_ok[:, :, None],
+                             weights[:, :, None], 0.0), axis=1)  # [N, K]
+    layer = nnx.merge(layer_def, layer_state)
+    act = layer.mlp.c.hidden_act
+    acc = acc + experts_segments(flat, coef, cache[slots], act)
+    if bottoms:
+        acc = acc + experts_segments(flat, coef, jnp.stack(bottoms), act)
+    if not finish:
+        return acc, cache
+    y = acc.astype(x.dtype)
+    if layer.mlp.c.shared_expert_intermediate_size:
+        y = y + jax.nn.sigmoid(layer.mlp.shared_gate(flat)) * layer.mlp.shared(flat)
+    return x + y.reshape(b, t, d), cache
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _embed(graphdef, state, tokens):
+    return nnx.merge(graphdef, state).embed(tokens)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _head(graphdef, state, x):
+    model = nnx.merge(graphdef, state)
+    return model.logits(model.final_norm(x))
+
+
+@functools.partial(jax.jit, static_argnames="greedy_only")
+def _choose(logits, key, sampling, *, greedy_only: bool):
+    return greedy(logits) if greedy_only else sample(logits, key, sampling)
+
+
+# -- engine --------------------------------------------------------------------------------------
+
+
+class OffloadEngine(Engine):
+    """An `Engine` whose routed experts live in host memory behind per-layer device caches."""
+
+    def __init__(self, config: ModelConfig, model_dir: Path, plan: OffloadPlan, tokenizer=None):
+        self.plan = plan
+        self.policy = policies.get(plan.policy)
+        if plan.policy in policies.ORACLE:
+            raise ValueError(f"policy {plan.policy!r} needs the future; it exists only in the simulator")
+        params = ckpt.load_params(model_dir, config, experts=False)
+        for layer in config.moe_layer_ids:  # routed experts stay on the host; placeholders keep the tree
+            empty = jnp.zeros((0, config.moe_intermediate_size, config.hidden_size), config.jnp_dtype)
+            params["layers"][layer]["mlp"].update(gate=empty, up=empty, down=empty)
+        super().__init__(config, params, tokenizer, model_dir)
+        self.store = HostExpertStore(model_dir, config, plan)
+
+        model = nnx.merge(self.graphdef, self.state)
+        self.layer_defs = [nnx.split(layer) for layer in model.layers]
+        rows = planning.row_bytes(config)
+        self.counters = Counters()
+        self.controllers: dict[int, LayerController] = {}
+        self.caches: dict[int, jax.Array] = {}
+        self._zero_top: dict[int, jax.Array] = {}
+        self._zero_bottom: dict[int, jax.Array] = {}
+        device = memory("device")
+        for p in plan.layers:
+            prior = np.asarray(p.prior) if p.prior is not None else None
+            warm = list(p.hot) + [e for e in range(config.num_experts) if e not in p.hot]
+            cache = LayerCache(config.num_experts, config.top_k, p.slots, self.policy, prior, warm[: p.slots])
+            bottom_rows = config.moe_intermediate_size - p.split_rows
+            self.controllers[p.layer] = LayerController(cache, config.top_k, p.split_rows * rows,
+                                                        bottom_rows * rows, self.counters)
+            self.caches[p.layer] = jnp.stack([jax.device_put(self.store.top[p.layer][e], device)
+                                              for e in cache.slot_expert])
+            self._zero_top[p.layer] = jnp.zeros((3, p.split_rows, config.hidden_size), config.jnp_dtype)
+            self._zero_bottom[p.layer] = jnp.zeros((3, bottom_rows, config.hidden_size), config.jnp_dtype)
+        self.next_moe = {l: l + 1 for l in config.moe_layer_ids if l + 1 in self.controllers}
+        self._inflight_tops: dict[int, dict[int, jax.Array]] = {l: {} for l in self.controllers}
+        self._inflight_bottoms: dict[int, dict[int, jax.Array]] = {l: {} for l in self.controllers}
+        self._predicted: dict[int, list[int]] = {}
+        self._now = 0
+        self._request_start: dict[str, int] = {}
+        self._prefill_counters: dict[str, int] = {}
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, plan: OffloadPlan | None = None, **budget) -> OffloadEngine:
+        model_dir = Path(model_dir)
+        config = ckpt.load_config(model_dir)
+        plan = plan or planning.plan_from_budget(config, **budget)
+        return cls(config, model_dir, plan, _load_tokenizer(model_dir))
+
+    def max_context(self) -> int:
+        return min(self.config.max_position_embeddings, self.plan.kv_length)
+
+    # -- the layer loop ----------------------------------------------------------------------------
+
+    def _fetch(self, array: jax.Array) -> jax.Array:
+        return jax.device_put(array, memory("device"))
+
+    def _run_chunks(self, l, x, hn, weights, ids, valid, chunks):
+        store, c = self.store, self.config
+        k, m = c.top_k, 2 * c.top_k
+        slots_total = self.caches[l].shape[0]
+        inflight_tops, inflight_bottoms = self._inflight_tops[l], self._inflight_bottoms[l]
+        acc = jnp.zeros((hn.shape[0] * hn.shape[1], c.hidden_size), jnp.float32)
+        for i, chunk in enumerate(chunks):
+            tops = [inflight_tops.pop(e) if e in inflight_tops else self._fetch(store.top[l][e])
+                    for e, _ in chunk.top_fetches]
+            new_slots = [s for _, s in chunk.top_fetches]
+            pad = m - len(tops)
+            tops += [self._zero_top[l]] * pad
+            new_slots += [slots_total] * pad
+            bottoms = ()
+            if store.bottom[l][0] is not None:
+                bottoms = tuple(self._fetch(store.bottom[l][e]) if e in chunk.bottom_fetches else inflight_bottoms.pop(e)
+                                for e in chunk.members)
+                bottoms += (self._zero_bottom[l],) * (k - len(bottoms))
+            members = chunk.members + [-1] * (k - len(chunk.members))
+            slots = chunk.slots + [0] * (k - len(chunk.slots))
+            out, self.caches[l] = _experts(
+                self.layer_defs[l][0], self.layer_defs[l][1], x, hn, acc, weights, ids, valid,
+                jnp.asarray(members, jnp.int32), jnp.asarray(slots, jnp.int32), bottoms, self.caches[l],
+                tuple(tops), jnp.asarray(new_slots, jnp.int32), finish=i == len(chunks) - 1,
+            )
+            acc = out
+        inflight_tops.clear()
+        inflight_bottoms.clear()
+        return acc  # the layer output after the last chunk
+
+    def _layers(self, x, start, kv: KVCache, valid: int, decoding: bool):
+        ks, vs = list(kv.k), list(kv.v)
+        for l, (layer_def, layer_state) in enumerate(self.layer_defs):
+            if l not in self.controllers:
+                x, ks[l], vs[l] = _dense_layer(layer_def, layer_state, x, start, ks[l], vs[l])
+                continue
+            nl = self.next_moe.get(l) if decoding and self.plan.prefetch else None
+            next_def, next_state = self.layer_defs[nl] if nl is not None else (None, None)
+            x_attn, hn, weights, ids, predicted, ks[l], vs[l] = _attn_router(
+                layer_def, layer_state, next_def, next_state, x, start, ks[l], vs[l])
+            chosen = np.asarray(ids)[:valid]  # the one host sync of the layer
+            ctl = self.controllers[l]
+            if l in self._predicted:
+                ctl.score_prediction(self._predicted.pop(l), chosen[0].tolist())
+            chunks = ctl.step([row.tolist() for row in chosen], self._now)
+            if nl is not None:
+                guess = np.asarray(predicted)[0].tolist()
+                self._predicted[nl] = guess
+                tops, bottoms = self.controllers[nl].prefetch(guess, self._now)
+                for e, _ in tops:
+                    self._inflight_tops[nl][e] = self._fetch(self.store.top[nl][e])
+                for e in bottoms:
+                    self._inflight_bottoms[nl][e] = self._fetch(self.store.bottom[nl][e])
+            x = self._run_chunks(l, x_attn, hn, weights, ids, jnp.int32(valid), chunks)
+        self._now += valid
+        return x, KVCache(k=tuple(ks), v=tuple(vs))
+
+    # -- Engine hooks --------------------------------------------------------------------------------
+
+    def _step_functions(self, bucket, cache_len, greedy_only, tokens, length, cache, key, sampling):
+        if cache_len > self.plan.kv_length:
+            raise ValueError(f"this request needs a KV cache of {cache_len} tokens; the plan reserves {self.plan.kv_length}")
+        model_def, model_state = self.graphdef, self.state
+
+        def prefill(tokens, length, cache):
+            n = int(length)
+            x = _embed(model_def, model_state, tokens)
+            x, cache = self._layers(x, 0, cache, n, decoding=False)
+            self._prefill_counters = self.counters.snapshot()
+            last = jax.lax.dynamic_index_in_dim(x, n - 1, axis=1, keepdims=False)
+            return _head(model_def, model_state, last), cache
+
+        def decode(token, pos, cache, key, sampling):
+            x = _embed(model_def, model_state, token[:, None])
+            x, cache = self._layers(x, pos, cache, 1, decoding=True)
+            self.counters.tokens += 1
+            logits = _head(model_def, model_state, x[:, 0])
+            return _choose(logits, key, sampling, greedy_only=greedy_only), logits, cache
+
+        return prefill, decode  # compiled lazily; generate() clocks compilation as it happens
+
+    def _begin_request(self) -> None:
+        for ctl in self.controllers.values():
+            ctl.cache.new_request()
+        self._predicted.clear()
+        self._request_start = self.counters.snapshot()
+
+    def _request_report(self, result: GenerationResult) -> dict[str, Any]:
+        now = self.counters.snapshot()
+        start, prefill = self._request_start, self._prefill_counters or self._request_start
+        decode = {k: now[k] - prefill[k] for k in now}
+        pre = {k: prefill[k] - start[k] for k in now}
+        tokens = max(decode["tokens"], 1)
+        device = jax.devices()[0]
+        stats = device.memory_stats() or {}
+        planned = planning.footprint(self.config, self.plan)
+        return {
+            "cache_hits": decode["hits"],
+            "cache_misses": decode["misses"],
+            "hit_rate": decode["hits"] / max(decode["hits"] + decode["misses"], 1),
+            "bytes_h2d": decode["bytes_h2d"] + pre["bytes_h2d"],
+            "bytes_h2d_per_token": decode["bytes_h2d"] / tokens,
+            "prefill_bytes_h2d": pre["bytes_h2d"],
+            "prefill_cache_hits": pre["hits"],
+            "prefill_cache_misses": pre["misses"],
+            "prefetch_bytes": decode["prefetch_bytes"],
+            "prefetch_hits": decode["prefetch_hits"],
+            "prefetch_precision": decode["predicted_used"] / max(decode["predicted"], 1),
+            "prefetch_recall": decode["predicted_used"] / max(decode["predicted_needed"], 1),
+            "device_bytes_peak": int(stats.get("peak_bytes_in_use", planned["total"])),
+            "device_bytes_peak_source": "measured" if "peak_bytes_in_use" in stats else "planned",
+            "device_bytes_planned": planned,
+            "offload": self.plan.to_json(self.config),
+        }
