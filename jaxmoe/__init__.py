@@ -44,11 +44,45 @@ def resolve_model_dir(path: str | Path | None = None, progress: bool = False) ->
     return target
 
 
-def load(path: str | Path | None = None):
-    """Load a converted (or Hugging Face, converted on first use) model; `None` loads the demo."""
+def load(
+    path: str | Path | None = None,
+    *,
+    vram_budget: int | None = None,
+    expert_budget: float | None = None,
+    schedule: str | Path | None = None,
+    policy: str | None = None,
+    split_ratio: float | None = None,
+    prefetch: bool = True,
+    kv_length: int = 2048,
+):
+    """Load a converted (or Hugging Face, converted on first use) model; `None` loads the demo.
+
+    With none of `vram_budget` (bytes of the whole device footprint), `expert_budget` (share of
+    all expert bytes the device cache may hold) and `schedule` (a planner's JSON), the model is
+    fully resident. Otherwise routed experts stay in host memory behind per-layer device caches.
+    """
     from jaxmoe.engine import Engine
 
-    return Engine.from_dir(resolve_model_dir(path))
+    model_dir = resolve_model_dir(path)
+    if vram_budget is None and expert_budget is None and schedule is None:
+        return Engine.from_dir(model_dir)
+    from jaxmoe import checkpoint
+    from jaxmoe.offload import plan as planning
+    from jaxmoe.offload.runtime import OffloadEngine
+
+    config = checkpoint.load_config(model_dir)
+    if schedule is not None:
+        if split_ratio is not None:
+            raise ValueError("a schedule fixes the split ratios; drop --split-ratio")
+        plan = planning.read_schedule(schedule, config, policy=policy, prefetch=prefetch, kv_length=kv_length)
+        minimum = planning.footprint(config, plan)["total"]
+        if vram_budget is not None and minimum > vram_budget:
+            raise planning.BudgetError(f"schedule {schedule} needs {planning.format_size(minimum)}, over the budget")
+    else:
+        plan = planning.plan_from_budget(config, vram_budget=vram_budget, expert_budget=expert_budget,
+                                         split_ratio=split_ratio or 1.0, kv_length=kv_length,
+                                         policy=policy or "lru", prefetch=prefetch)
+    return OffloadEngine.from_dir(model_dir, plan)
 
 
 __all__ = ["load", "resolve_model_dir", "__version__"]

@@ -20,7 +20,7 @@ def _generate(args) -> None:
     import jaxmoe
 
     model_dir = jaxmoe.resolve_model_dir(args.model_dir, progress=True)
-    engine = jaxmoe.load(model_dir)
+    engine = jaxmoe.load(model_dir, **_offload_options(args))
 
     def stream(text: str) -> None:
         sys.stdout.write(text)
@@ -48,6 +48,29 @@ def _generate(args) -> None:
         print(json.dumps(out))
 
 
+def _offload_options(args) -> dict:
+    """Offload settings for jaxmoe.load; none of the flags given means fully resident."""
+    from jaxmoe.offload.plan import parse_size
+
+    if args.vram_budget and args.expert_budget is not None:
+        raise ValueError("give --vram-budget or --expert-budget, not both")
+    if not (args.vram_budget or args.expert_budget is not None or args.schedule):
+        for flag, given in (("--policy", args.policy), ("--split-ratio", args.split_ratio),
+                            ("--no-prefetch", args.no_prefetch)):
+            if given:
+                raise ValueError(f"{flag} needs --vram-budget, --expert-budget or --schedule")
+        return {}
+    return dict(
+        vram_budget=parse_size(args.vram_budget) if args.vram_budget else None,
+        expert_budget=args.expert_budget,
+        schedule=args.schedule,
+        policy=args.policy,
+        split_ratio=args.split_ratio,
+        prefetch=not args.no_prefetch,
+        kv_length=args.kv_length,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxmoe", description="Mixture-of-experts inference on JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,7 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
+    off = p.add_argument_group("expert offload (default: fully resident)")
+    off.add_argument("--vram-budget", metavar="SIZE", help="whole device footprint, e.g. 6GiB or 800MiB")
+    off.add_argument("--expert-budget", metavar="FRACTION", type=float, help="share of all expert bytes to cache")
+    off.add_argument("--schedule", metavar="FILE", help="per-layer cache plan written by `jaxmoe plan`")
+    off.add_argument("--policy", choices=["lru", "lfu", "lcp", "static"], help="cache eviction policy (default lru)")
+    off.add_argument("--split-ratio", type=float, help="cached top share of each expert (default 1: whole experts)")
+    off.add_argument("--no-prefetch", action="store_true", help="fetch on demand only")
+    off.add_argument("--kv-length", type=int, default=2048, help="tokens of KV cache the budget reserves")
     p.set_defaults(run=_generate)
+
+    from jaxmoe.schedules import cli as schedules_cli
+
+    schedules_cli.register(sub)
     return parser
 
 

@@ -94,9 +94,9 @@ def _decode(graphdef, state, token, pos, cache, key, params, *, greedy_only: boo
     return nxt, logits, cache
 
 
-def _forward(graphdef, state, tokens, cache):
+def _forward(graphdef, state, tokens, cache, predict_next=False):
     model = nnx.merge(graphdef, state)
-    hidden, _, routing = model(tokens, 0, cache)
+    hidden, _, routing = model(tokens, 0, cache, predict_next=predict_next)
     return model.logits(hidden), routing
 
 
@@ -113,7 +113,7 @@ class Engine:
         self._compiled: dict[tuple, Any] = {}
         self._jit_prefill = jax.jit(_prefill, static_argnums=0, donate_argnums=4)
         self._jit_decode = jax.jit(_decode, static_argnums=0, static_argnames="greedy_only", donate_argnums=4)
-        self._jit_forward = jax.jit(_forward, static_argnums=0)
+        self._jit_forward = jax.jit(_forward, static_argnums=0, static_argnames="predict_next")
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Engine:
@@ -157,12 +157,15 @@ class Engine:
     def new_cache(self, batch: int, length: int) -> KVCache:
         return KVCache.zeros(self.config, batch, length)
 
-    def forward(self, tokens: np.ndarray) -> tuple[np.ndarray, list]:
-        """Full forward pass without a prior cache: tokens [B, T] -> (logits [B, T, V], routing)."""
+    def forward(self, tokens: np.ndarray, predict_next: bool = False) -> tuple[np.ndarray, list]:
+        """Full forward pass without a prior cache: tokens [B, T] -> (logits [B, T, V], routing).
+
+        routing per MoE layer: (weights [B*T, k], ids [B*T, k]), plus the next layer's predicted
+        ids [B*T, k] (or None) with `predict_next`; see Transformer.__call__."""
         tokens = jnp.asarray(tokens, jnp.int32)
         cache = self.new_cache(tokens.shape[0], tokens.shape[1])
-        logits, routing = self._jit_forward(self.graphdef, self.state, tokens, cache)
-        return np.asarray(logits), routing
+        logits, routing = self._jit_forward(self.graphdef, self.state, tokens, cache, predict_next=predict_next)
+        return np.asarray(logits), jax.tree.map(np.asarray, routing)
 
     # -- generation --------------------------------------------------------------------------------
 

@@ -192,15 +192,35 @@ class Transformer(nnx.Module):
         if not c.tie_word_embeddings:
             self.lm_head = _linear(c.hidden_size, c.vocab_size, False, dt, rngs)
 
-    def __call__(self, tokens, start, cache: KVCache, experts_fn=None):
-        """tokens [B, T] at positions start.. -> (hidden [B, T, D], cache, per-MoE-layer routing)."""
+    def __call__(self, tokens, start, cache: KVCache, experts_fn=None, predict_next: bool = False):
+        """tokens [B, T] at positions start.. -> (hidden [B, T, D], cache, routing).
+
+        routing: per MoE layer, (weights [B*T, k], ids [B*T, k]). With `predict_next`, a third
+        entry per MoE layer l: the experts layer l+1's router picks from layer l's post-attention
+        hidden state (the offload runtime's prefetch guess), or None when l+1 is not MoE.
+        """
         x = self.embed(tokens)
         ks, vs, routing = list(cache.k), list(cache.v), []
+        guesses = []
         for i, layer in enumerate(self.layers):
+            if predict_next and layer.is_moe:
+                guesses.append(self._guess_next(i, x, start, ks[i], vs[i]))
             x, ks[i], vs[i], r = layer(x, start, ks[i], vs[i], experts_fn)
             if r is not None:
                 routing.append(r)
+        if predict_next:
+            routing = [(w, ids, g) for (w, ids), g in zip(routing, guesses)]
         return self.final_norm(x), KVCache(k=tuple(ks), v=tuple(vs)), routing
+
+    def _guess_next(self, i, x, start, k, v):
+        """Layer i+1's router applied to layer i's post-attention hidden state."""
+        if i + 1 >= len(self.layers) or not self.layers[i + 1].is_moe:
+            return None
+        layer, nxt = self.layers[i], self.layers[i + 1]
+        h, _, _ = layer.attn(layer.attn_norm(x), start, k, v)
+        x = x + h
+        b, t, d = x.shape
+        return nxt.mlp.routing(nxt.mlp_norm(x).reshape(b * t, d))[1]
 
     def logits(self, hidden):
         """hidden [..., D] -> logits [..., V] in float32."""

@@ -187,6 +187,9 @@ class OffloadEngine(Engine):
         self._inflight_bottoms: dict[int, dict[int, jax.Array]] = {l: {} for l in self.controllers}
         self._predicted: dict[int, list[int]] = {}
         self._now = 0
+        # Optional (layer, step, tokens) -> (expert ids [tokens, k], weights [tokens, k]): replaces
+        # the router's choice, so benchmarks can drive every system with one recorded routing.
+        self.route_override = None
         self._request_start: dict[str, int] = {}
         self._prefill_counters: dict[str, int] = {}
 
@@ -246,6 +249,11 @@ class OffloadEngine(Engine):
             x_attn, hn, weights, ids, predicted, ks[l], vs[l] = _attn_router(
                 layer_def, layer_state, next_def, next_state, x, start, ks[l], vs[l])
             chosen = np.asarray(ids)[:valid]  # the one host sync of the layer
+            if self.route_override is not None:  # replay recorded routing instead of the router's
+                chosen, forced_w = self.route_override(l, self._now, valid)
+                pad = ids.shape[0] - valid
+                ids = jnp.asarray(np.pad(chosen, ((0, pad), (0, 0))), jnp.int32)
+                weights = jnp.asarray(np.pad(forced_w, ((0, pad), (0, 0))), jnp.float32)
             ctl = self.controllers[l]
             if l in self._predicted:
                 ctl.score_prediction(self._predicted.pop(l), chosen[0].tolist())
