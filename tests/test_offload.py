@@ -1,0 +1,153 @@
+"""The offload runtime computes exactly what the resident model computes, at every budget."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jaxmoe
+from conftest import TINY, max_rel_err, save_hf
+from jaxmoe.convert import convert
+from jaxmoe.engine import Engine
+from jaxmoe.offload import plan as planning
+from jaxmoe.offload.runtime import OffloadEngine
+
+torch = pytest.importorskip("torch")
+
+
+def _prompt(seed=2, n=11, vocab=96):
+    return np.random.default_rng(seed).integers(3, vocab, n).tolist()
+
+
+def _offload(model_dir, config, fraction, ratio, policy, prefetch):
+    plan = planning.plan_from_budget(config, expert_budget=fraction, split_ratio=ratio, kv_length=256,
+                                     policy=policy, prefetch=prefetch)
+    return OffloadEngine(config, model_dir, plan)
+
+
+def _assert_same_generation(resident, offloaded, prompt, tokens=16):
+    ref = resident.generate(prompt_ids=prompt, max_new_tokens=tokens, return_logits=True)
+    out = offloaded.generate(prompt_ids=prompt, max_new_tokens=tokens, return_logits=True)
+    assert out.token_ids == ref.token_ids
+    assert max_rel_err(out.extra["logits"], ref.extra["logits"]) < 1e-4  # whole-model float32 tolerance
+    return out
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_each_family_offloaded_at_minimum_budget_with_split_and_prefetch(family, converted):
+    resident = Engine.from_dir(converted[family])
+    c = resident.config
+    minimum = c.top_k * 0.5 / c.num_experts
+    offloaded = _offload(converted[family], c, minimum + 1e-9, 0.5, "lcp", True)
+    out = _assert_same_generation(resident, offloaded, _prompt())
+    assert out.extra["cache_misses"] > 0  # the budget really forces traffic
+
+
+def _random_case(seed, tmp_path):
+    """A tiny random Mixtral or Qwen3-MoE with random expert count, top-k and widths."""
+    import transformers
+
+    rng = np.random.default_rng(seed)
+    experts = int(rng.integers(3, 9))
+    top_k = int(rng.integers(1, min(3, experts) + 1))
+    inter = int(rng.choice([16, 24, 40]))
+    if rng.random() < 0.5:
+        cfg = transformers.MixtralConfig(**{**TINY, "num_hidden_layers": int(rng.integers(1, 4))},
+                                         intermediate_size=inter, num_local_experts=experts, num_experts_per_tok=top_k)
+    else:
+        cfg = transformers.Qwen3MoeConfig(**{**TINY, "num_hidden_layers": int(rng.integers(1, 4))},
+                                          moe_intermediate_size=inter, intermediate_size=32, num_experts=experts,
+                                          num_experts_per_tok=top_k, norm_topk_prob=bool(rng.random() < 0.5))
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0)  # larger than the default init so routing is decisive and text varies
+    save_hf(model, tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "jm", progress=False)
+    return tmp_path / "jm", rng
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_property_random_configs_and_budgets_match_resident(seed, tmp_path):
+    model_dir, rng = _random_case(seed, tmp_path)
+    resident = Engine.from_dir(model_dir)
+    c = resident.config
+    ratio = float(rng.choice([1.0, 0.75, 0.5, 0.3]))
+    rows = planning.split_rows(c, ratio)
+    lowest = c.top_k * rows / (c.num_experts * c.moe_intermediate_size)
+    fraction = float(rng.uniform(lowest, 1.0)) if seed % 3 else lowest + 1e-9  # the minimum, or anything up to all
+    policy = ["lru", "lfu", "lcp", "static"][seed % 4]
+    prefetch = bool(seed % 2)
+    offloaded = _offload(model_dir, c, fraction, ratio, policy, prefetch)
+    for prompt_seed in (1, 2):  # two requests: the cache carries over between them
+        _assert_same_generation(resident, offloaded, _prompt(prompt_seed, n=int(rng.integers(3, 20))))
+
+
+def test_full_budget_never_moves_experts_after_loading(converted):
+    resident = Engine.from_dir(converted["mixtral"])
+    offloaded = _offload(converted["mixtral"], resident.config, 1.0, 1.0, "lru", True)
+    out = _assert_same_generation(resident, offloaded, _prompt())
+    assert out.extra["bytes_h2d"] == 0 and out.extra["cache_misses"] == 0
+
+
+def test_bytes_counter_equals_the_bytes_actually_put_on_the_device(converted, monkeypatch):
+    config = Engine.from_dir(converted["olmoe"]).config
+    engine = _offload(converted["olmoe"], config, config.top_k * 0.5 / config.num_experts + 1e-9, 0.5, "lru", True)
+    moved = []
+    original = OffloadEngine._fetch
+    monkeypatch.setattr(OffloadEngine, "_fetch", lambda self, a: (moved.append(a.nbytes), original(self, a))[1])
+    before = engine.counters.bytes_h2d
+    out = engine.generate(prompt_ids=_prompt(), max_new_tokens=12)
+    assert sum(moved) == engine.counters.bytes_h2d - before == out.extra["bytes_h2d"] > 0
+    assert 0.0 <= out.extra["prefetch_precision"] <= 1.0 and 0.0 <= out.extra["prefetch_recall"] <= 1.0
+    assert out.extra["device_bytes_peak"] > 0
+
+
+def test_budget_below_minimum_is_refused_naming_the_minimum(converted):
+    config = Engine.from_dir(converted["mixtral"]).config
+    with pytest.raises(planning.BudgetError, match="minimum"):
+        planning.plan_from_budget(config, expert_budget=0.1)
+    fp = planning.footprint(config, planning.uniform_plan(config, config.top_k, 1.0, 2048, "lru", True))
+    with pytest.raises(planning.BudgetError, match=f"{fp['total']} bytes"):
+        planning.plan_from_budget(config, vram_budget=fp["total"] - 1)
+    assert planning.plan_from_budget(config, vram_budget=fp["total"]).layers[0].slots == config.top_k
+
+
+def test_budget_is_checked_before_weights_are_read(converted, monkeypatch):
+    from jaxmoe import checkpoint
+
+    monkeypatch.setattr(checkpoint, "read_unit", lambda *a: pytest.fail("weights read before the budget check"))
+    with pytest.raises(planning.BudgetError):
+        jaxmoe.load(converted["mixtral"], vram_budget=1000)
+
+
+def test_vram_budget_sizes_the_cache_uniformly(converted):
+    config = Engine.from_dir(converted["qwen3_moe"]).config
+    fixed = planning.footprint(config, planning.uniform_plan(config, 0, 1.0, 2048, "lru", True))["total"]
+    budget = fixed + 3 * len(config.moe_layer_ids) * config.expert_bytes() + 5  # room for 3 experts per layer
+    plan = planning.plan_from_budget(config, vram_budget=budget)
+    assert [p.slots for p in plan.layers] == [3] * len(config.moe_layer_ids)
+    assert planning.footprint(config, plan)["total"] <= budget
+
+
+@pytest.mark.parametrize("text,expected", [("6GiB", 6 * 2**30), ("800MiB", 800 * 2**20), ("1.5GB", 1_500_000_000),
+                                           ("123", 123)])
+def test_parse_size(text, expected):
+    assert planning.parse_size(text) == expected
+
+
+def test_parse_size_rejects_garbage():
+    with pytest.raises(planning.BudgetError, match="6GiB"):
+        planning.parse_size("six gigs")
+
+
+def test_schedule_round_trip_and_refusal_for_another_model(converted, tmp_path):
+    config = Engine.from_dir(converted["mixtral"]).config
+    plan = planning.uniform_plan(config, 3, 0.5, 256, "lcp", False)
+    planning.write_schedule(tmp_path / "s.json", config, plan)
+    back = planning.read_schedule(tmp_path / "s.json", config)
+    assert back.layers == plan.layers and back.policy == "lcp" and back.prefetch is False
+    other = config.replace(num_experts=config.num_experts + 1)
+    with pytest.raises(planning.BudgetError, match="another model"):
+        planning.read_schedule(tmp_path / "s.json", other)
