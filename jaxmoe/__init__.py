@@ -13,6 +13,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("JAXMOE_CACHE", Path.home() / ".cache" / "jaxmoe"))
 
 
+def _source_dir(path: str | Path | None) -> Path:
+    if path is None:
+        from jaxmoe.demo import MODEL_DIR
+
+        return MODEL_DIR
+    return Path(path)
+
+
 def resolve_model_dir(path: str | Path | None = None, progress: bool = False) -> Path:
     """A converted checkpoint directory for `path`.
 
@@ -22,11 +30,7 @@ def resolve_model_dir(path: str | Path | None = None, progress: bool = False) ->
     """
     from jaxmoe import checkpoint
 
-    if path is None:
-        from jaxmoe.demo import MODEL_DIR
-
-        path = MODEL_DIR
-    path = Path(path)
+    path = _source_dir(path)
     if (path / checkpoint.MANIFEST).is_file():
         return path
     if not (path / "config.json").is_file():
@@ -63,14 +67,12 @@ def load(
     """
     from jaxmoe.engine import Engine
 
-    model_dir = resolve_model_dir(path)
     if vram_budget is None and expert_budget is None and schedule is None:
-        return Engine.from_dir(model_dir)
-    from jaxmoe import checkpoint
+        return Engine.from_dir(resolve_model_dir(path))
     from jaxmoe.offload import plan as planning
     from jaxmoe.offload.runtime import OffloadEngine
 
-    config = checkpoint.load_config(model_dir)
+    config = _config_of(path)  # the plan is checked before any conversion or weight reading
     if schedule is not None:
         if split_ratio is not None:
             raise ValueError("a schedule fixes the split ratios; drop --split-ratio")
@@ -82,7 +84,18 @@ def load(
         plan = planning.plan_from_budget(config, vram_budget=vram_budget, expert_budget=expert_budget,
                                          split_ratio=split_ratio or 1.0, kv_length=kv_length,
                                          policy=policy or "lru", prefetch=prefetch)
-    return OffloadEngine.from_dir(model_dir, plan)
+    return OffloadEngine.from_dir(resolve_model_dir(path), plan)
+
+
+def _config_of(path: str | Path | None):
+    from jaxmoe import checkpoint
+
+    path = _source_dir(path)
+    if (path / checkpoint.MANIFEST).is_file():
+        return checkpoint.load_config(path)
+    from jaxmoe.convert.convert import read_hf_config
+
+    return read_hf_config(path, None)
 
 
 __all__ = ["load", "resolve_model_dir", "__version__"]
