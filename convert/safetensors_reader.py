@@ -47,6 +47,8 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
             if n > size - 8:
                 raise SafetensorsError(f"header length {n} exceeds the file size {size}")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise SafetensorsError(f"header is a JSON {type(header).__name__}, not an object")
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, SafetensorsError) as e:
         raise SafetensorsError(f"{file}: unreadable safetensors header ({e})") from e
     base = 8 + n
@@ -72,7 +74,12 @@ def index_checkpoint(hf_dir: Path) -> dict[str, TensorInfo]:
     """Every tensor of a single-file or sharded checkpoint, by name."""
     index = hf_dir / INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map is not an object of tensor name -> shard file")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SafetensorsError(f"{index}: unreadable index ({type(e).__name__}: {e})") from e
         files = sorted({hf_dir / f for f in weight_map.values()})
     else:
         files = sorted(hf_dir.glob("*.safetensors"))

@@ -69,7 +69,8 @@ def load_config(model_dir: str | Path) -> ModelConfig:
 def _checkpointer():
     import orbax.checkpoint as ocp
 
-    return ocp.PyTreeCheckpointer()
+    # One directory per array (no OCDBT): a unit's save then holds each array once, not twice.
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
 
 
 def read_unit(model_dir: str | Path, unit: str) -> dict[str, np.ndarray]:
