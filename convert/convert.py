@@ -166,8 +166,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, p
         for name in TOKENIZER_FILES + ("config.json",):
             if (hf_dir / name).is_file():
                 shutil.copy2(hf_dir / name, tmp / name)
-        manifest = {"format": ckpt.FORMAT, "version": ckpt.FORMAT_VERSION, "config": config.to_json(), "units": units}
-        (tmp / ckpt.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        ckpt.write_manifest(tmp, config, units)
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
         os.replace(tmp, out_dir)

@@ -82,6 +82,12 @@ def read_unit(model_dir: str | Path, unit: str) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in tree.items()}
 
 
+def write_manifest(model_dir: Path, config: ModelConfig, units: list[str]) -> None:
+    """The last file of a checkpoint: its presence is what makes the directory loadable."""
+    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "config": config.to_json(), "units": units}
+    (Path(model_dir) / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
 def write_unit(model_dir: Path, unit: str, tensors: dict[str, np.ndarray]) -> None:
     _checkpointer().save((model_dir / WEIGHTS / unit).absolute(), tensors)
 
