@@ -222,13 +222,19 @@ class Transformer(nnx.Module):
         b, t, d = x.shape
         return nxt.mlp.routing(nxt.mlp_norm(x).reshape(b * t, d))[1]
 
+    def output_layer(self):
+        """The module that maps hidden states to logits: the LM head, or the tied embedding."""
+        return self.embed if self.c.tie_word_embeddings else self.lm_head
+
     def logits(self, hidden):
-        """hidden [..., D] -> logits [..., V] in float32."""
-        if self.c.tie_word_embeddings:
-            out = self.embed.attend(hidden)
-        else:
-            out = self.lm_head(hidden)
-        return out.astype(jnp.float32)
+        """hidden [..., D] (after the final norm) -> logits [..., V] in float32."""
+        return project_out(self.output_layer(), hidden)
+
+
+def project_out(output_layer, hidden):
+    if isinstance(output_layer, nnx.Embed):
+        return output_layer.attend(hidden).astype(jnp.float32)
+    return output_layer(hidden).astype(jnp.float32)
 
 
 def abstract_model(config: ModelConfig) -> Transformer:

@@ -41,7 +41,7 @@ from jaxmoe import checkpoint as ckpt
 from jaxmoe.config import ModelConfig
 from jaxmoe.engine import Engine, GenerationResult, _load_tokenizer
 from jaxmoe.models.moe import experts_segments
-from jaxmoe.models.transformer import KVCache
+from jaxmoe.models.transformer import KVCache, project_out
 from jaxmoe.offload import plan as planning
 from jaxmoe.offload import policies
 from jaxmoe.offload.cache import Counters, LayerCache, LayerController
@@ -76,10 +76,11 @@ class HostExpertStore:
 
 
 # -- per-layer device functions ------------------------------------------------------------------
+# Graph definitions are bound with functools.partial when an engine is built (see `_jitted`), not
+# passed as static arguments, so no call hashes a module graph.
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2), donate_argnums=(6, 7))
-def _attn_router(layer_def, layer_state, next_def, next_state, x, start, k, v):
+def _attn_router(layer_def, next_def, layer_state, next_state, x, start, k, v):
     """Attention and routing of one MoE layer, plus the next layer's router on this hidden state."""
     layer = nnx.merge(layer_def, layer_state)
     h, k, v = layer.attn(layer.attn_norm(x), start, k, v)
@@ -94,20 +95,19 @@ def _attn_router(layer_def, layer_state, next_def, next_state, x, start, k, v):
     return x, hn, weights, ids, predicted, k, v
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(4, 5))
 def _dense_layer(layer_def, layer_state, x, start, k, v):
     x, k, v, _ = nnx.merge(layer_def, layer_state)(x, start, k, v)
     return x, k, v
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="finish", donate_argnums=(4, 11))
-def _experts(layer_def, layer_state, x, hn, acc, weights, ids, valid, members, slots, bottoms, cache,
-             new_tops, new_slots, *, finish: bool):
+def _experts(layer_def, finish, layer_state, x, hn, acc, weights, ids, valid, members, slots, bottoms, cache,
+             new_tops, new_slots):
     """Write arrived top segments into the cache, then add the chunk's experts to `acc`.
 
     members [K] expert ids (-1 pads), slots [K] their cache slots, bottoms: K arrays [3, I-R, D]
     (empty tuple without a split), new_tops: M arrays [3, R, D] written at new_slots [M] (index C,
-    out of range, means no write). With `finish`, returns the layer output instead of `acc`.
+    out of range, means no write). `acc` is None for a layer's first chunk. With `finish`, returns
+    the layer output instead of `acc`.
     """
     cache = cache.at[new_slots].set(jnp.stack(new_tops), mode="drop")
     b, t, d = hn.shape
@@ -117,9 +117,10 @@ def _experts(layer_def, layer_state, x, hn, acc, weights, ids, valid, members, s
                              weights[:, :, None], 0.0), axis=1)  # [N, K]
     layer = nnx.merge(layer_def, layer_state)
     act = layer.mlp.c.hidden_act
-    acc = acc + experts_segments(flat, coef, cache[slots], act)
+    y = experts_segments(flat, coef, cache[slots], act)
     if bottoms:
-        acc = acc + experts_segments(flat, coef, jnp.stack(bottoms), act)
+        y = y + experts_segments(flat, coef, jnp.stack(bottoms), act)
+    acc = y if acc is None else acc + y
     if not finish:
         return acc, cache
     y = acc.astype(x.dtype)
@@ -128,20 +129,25 @@ def _experts(layer_def, layer_state, x, hn, acc, weights, ids, valid, members, s
     return x + y.reshape(b, t, d), cache
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _embed(graphdef, state, tokens):
-    return nnx.merge(graphdef, state).embed(tokens)
+def _embed(embed_def, embed_state, tokens):
+    return nnx.merge(embed_def, embed_state)(tokens)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _head(graphdef, state, x):
-    model = nnx.merge(graphdef, state)
-    return model.logits(model.final_norm(x))
+def _head(norm_def, out_def, norm_state, out_state, x):
+    """Final norm and logits."""
+    return project_out(nnx.merge(out_def, out_state), nnx.merge(norm_def, norm_state)(x))
 
 
 @functools.partial(jax.jit, static_argnames="greedy_only")
 def _choose(logits, key, sampling, *, greedy_only: bool):
     return greedy(logits) if greedy_only else sample(logits, key, sampling)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(fn, *static, donate: tuple[int, ...] = ()):
+    """`fn` with its leading static arguments bound, jitted once per distinct binding (layers with
+    equal structure share compiled code)."""
+    return jax.jit(functools.partial(fn, *static), donate_argnums=donate)
 
 
 # -- engine --------------------------------------------------------------------------------------
@@ -164,6 +170,11 @@ class OffloadEngine(Engine):
 
         model = nnx.merge(self.graphdef, self.state)
         self.layer_defs = [nnx.split(layer) for layer in model.layers]
+        embed_def, embed_state = nnx.split(model.embed)
+        self._embed = functools.partial(_jitted(_embed, embed_def), embed_state)
+        norm_def, norm_state = nnx.split(model.final_norm)
+        out_def, out_state = nnx.split(model.output_layer())
+        self._head = functools.partial(_jitted(_head, norm_def, out_def), norm_state, out_state)
         rows = planning.row_bytes(config)
         self.counters = Counters()
         self.controllers: dict[int, LayerController] = {}
@@ -183,6 +194,7 @@ class OffloadEngine(Engine):
             self._zero_top[p.layer] = jnp.zeros((3, p.split_rows, config.hidden_size), config.jnp_dtype)
             self._zero_bottom[p.layer] = jnp.zeros((3, bottom_rows, config.hidden_size), config.jnp_dtype)
         self.next_moe = {l: l + 1 for l in config.moe_layer_ids if l + 1 in self.controllers}
+        self._layer_fns = [self._bind_layer(l) for l in range(config.num_layers)]
         self._inflight_tops: dict[int, dict[int, jax.Array]] = {l: {} for l in self.controllers}
         self._inflight_bottoms: dict[int, dict[int, jax.Array]] = {l: {} for l in self.controllers}
         self._predicted: dict[int, list[int]] = {}
@@ -205,6 +217,22 @@ class OffloadEngine(Engine):
 
     # -- the layer loop ----------------------------------------------------------------------------
 
+    def _bind_layer(self, l: int) -> dict:
+        """Layer l's device functions with its parameters bound: only activations, caches and
+        small index arrays are passed per call."""
+        layer_def, layer_state = self.layer_defs[l]
+        if l not in self.controllers:
+            return {"dense": functools.partial(_jitted(_dense_layer, layer_def, donate=(3, 4)), layer_state)}
+        fns = {"attn": functools.partial(_jitted(_attn_router, layer_def, None, donate=(4, 5)), layer_state, None)}
+        nl = self.next_moe.get(l)
+        if nl is not None:
+            next_def, next_state = self.layer_defs[nl]
+            fns["attn_predict"] = functools.partial(_jitted(_attn_router, layer_def, next_def, donate=(4, 5)),
+                                                    layer_state, next_state)
+        for finish in (False, True):
+            fns[finish] = functools.partial(_jitted(_experts, layer_def, finish, donate=(3, 10)), layer_state)
+        return fns
+
     def _fetch(self, array: jax.Array) -> jax.Array:
         return jax.device_put(array, memory("device"))
 
@@ -213,7 +241,7 @@ class OffloadEngine(Engine):
         k, m = c.top_k, 2 * c.top_k
         slots_total = self.caches[l].shape[0]
         inflight_tops, inflight_bottoms = self._inflight_tops[l], self._inflight_bottoms[l]
-        acc = jnp.zeros((hn.shape[0] * hn.shape[1], c.hidden_size), jnp.float32)
+        fns, acc = self._layer_fns[l], None
         for i, chunk in enumerate(chunks):
             tops = [inflight_tops.pop(e) if e in inflight_tops else self._fetch(store.top[l][e])
                     for e, _ in chunk.top_fetches]
@@ -226,28 +254,24 @@ class OffloadEngine(Engine):
                 bottoms = tuple(self._fetch(store.bottom[l][e]) if e in chunk.bottom_fetches else inflight_bottoms.pop(e)
                                 for e in chunk.members)
                 bottoms += (self._zero_bottom[l],) * (k - len(bottoms))
-            members = chunk.members + [-1] * (k - len(chunk.members))
-            slots = chunk.slots + [0] * (k - len(chunk.slots))
-            out, self.caches[l] = _experts(
-                self.layer_defs[l][0], self.layer_defs[l][1], x, hn, acc, weights, ids, valid,
-                jnp.asarray(members, jnp.int32), jnp.asarray(slots, jnp.int32), bottoms, self.caches[l],
-                tuple(tops), jnp.asarray(new_slots, jnp.int32), finish=i == len(chunks) - 1,
-            )
-            acc = out
+            members = np.array(chunk.members + [-1] * (k - len(chunk.members)), np.int32)
+            slots = np.array(chunk.slots + [0] * (k - len(chunk.slots)), np.int32)
+            acc, self.caches[l] = fns[i == len(chunks) - 1](
+                x, hn, acc, weights, ids, valid, members, slots, bottoms, self.caches[l], tuple(tops),
+                np.array(new_slots, np.int32))
         inflight_tops.clear()
         inflight_bottoms.clear()
         return acc  # the layer output after the last chunk
 
     def _layers(self, x, start, kv: KVCache, valid: int, decoding: bool):
         ks, vs = list(kv.k), list(kv.v)
-        for l, (layer_def, layer_state) in enumerate(self.layer_defs):
-            if l not in self.controllers:
-                x, ks[l], vs[l] = _dense_layer(layer_def, layer_state, x, start, ks[l], vs[l])
+        for l, fns in enumerate(self._layer_fns):
+            if "dense" in fns:
+                x, ks[l], vs[l] = fns["dense"](x, start, ks[l], vs[l])
                 continue
             nl = self.next_moe.get(l) if decoding and self.plan.prefetch else None
-            next_def, next_state = self.layer_defs[nl] if nl is not None else (None, None)
-            x_attn, hn, weights, ids, predicted, ks[l], vs[l] = _attn_router(
-                layer_def, layer_state, next_def, next_state, x, start, ks[l], vs[l])
+            attn = fns["attn_predict"] if nl is not None else fns["attn"]
+            x_attn, hn, weights, ids, predicted, ks[l], vs[l] = attn(x, start, ks[l], vs[l])
             chosen = np.asarray(ids)[:valid]  # the one host sync of the layer
             if self.route_override is not None:  # replay recorded routing instead of the router's
                 chosen, forced_w = self.route_override(l, self._now, valid)
@@ -266,7 +290,7 @@ class OffloadEngine(Engine):
                     self._inflight_tops[nl][e] = self._fetch(self.store.top[nl][e])
                 for e in bottoms:
                     self._inflight_bottoms[nl][e] = self._fetch(self.store.bottom[nl][e])
-            x = self._run_chunks(l, x_attn, hn, weights, ids, jnp.int32(valid), chunks)
+            x = self._run_chunks(l, x_attn, hn, weights, ids, np.int32(valid), chunks)
         self._now += valid
         return x, KVCache(k=tuple(ks), v=tuple(vs))
 
@@ -275,21 +299,16 @@ class OffloadEngine(Engine):
     def _step_functions(self, bucket, cache_len, greedy_only, tokens, length, cache, key, sampling):
         if cache_len > self.plan.kv_length:
             raise ValueError(f"this request needs a KV cache of {cache_len} tokens; the plan reserves {self.plan.kv_length}")
-        model_def, model_state = self.graphdef, self.state
-
         def prefill(tokens, length, cache):
             n = int(length)
-            x = _embed(model_def, model_state, tokens)
-            x, cache = self._layers(x, 0, cache, n, decoding=False)
+            x, cache = self._layers(self._embed(tokens), np.int32(0), cache, n, decoding=False)
             self._prefill_counters = self.counters.snapshot()
-            last = jax.lax.dynamic_index_in_dim(x, n - 1, axis=1, keepdims=False)
-            return _head(model_def, model_state, last), cache
+            return self._head(x[:, n - 1]), cache
 
         def decode(token, pos, cache, key, sampling):
-            x = _embed(model_def, model_state, token[:, None])
-            x, cache = self._layers(x, pos, cache, 1, decoding=True)
+            x, cache = self._layers(self._embed(token[:, None]), pos, cache, 1, decoding=True)
             self.counters.tokens += 1
-            logits = _head(model_def, model_state, x[:, 0])
+            logits = self._head(x[:, 0])
             return _choose(logits, key, sampling, greedy_only=greedy_only), logits, cache
 
         return prefill, decode  # compiled lazily; generate() clocks compilation as it happens
