@@ -16,6 +16,7 @@ rename, so a directory without a valid manifest is never a checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -89,7 +90,13 @@ def write_manifest(model_dir: Path, config: ModelConfig, units: list[str]) -> No
 
 
 def write_unit(model_dir: Path, unit: str, tensors: dict[str, np.ndarray]) -> None:
-    _checkpointer().save((model_dir / WEIGHTS / unit).absolute(), tensors)
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # orbax warns on every non-OCDBT save that it has nothing to merge
+    try:
+        _checkpointer().save((model_dir / WEIGHTS / unit).absolute(), tensors)
+    finally:
+        absl.setLevel(level)
 
 
 def _nest(flat: dict[str, Any]) -> dict:
