@@ -143,18 +143,13 @@ def _summarise_runs(runs: list[dict]) -> dict:
 
 
 class JaxmoeReplay:
-    """`route_override` for jaxmoe: recorded routing by sequence position (reset before a request)."""
+    """`route_override` for jaxmoe: recorded routing by sequence position."""
 
     def __init__(self, trace: common.RoutingTrace):
-        self.trace, self.base = trace, None
+        self.trace = trace
 
-    def reset(self) -> None:
-        self.base = None
-
-    def __call__(self, layer: int, step: int, n: int):
-        if self.base is None:  # the request's first call is its prefill at position 0
-            self.base = step
-        ids, weights = self.trace.rows(layer, step - self.base, n)
+    def __call__(self, layer: int, position: int, n: int):
+        ids, weights = self.trace.rows(layer, position, n)
         return ids.astype(np.int32), weights.astype(np.float32)
 
 
@@ -183,6 +178,7 @@ def worker_jaxmoe(task: dict, emit: Callable[[dict], None]) -> None:
     deadline = Deadline(task["deadline"])
     trace = _trace_or_none(task)
     prompt, n_new = task["prompt"], task["new_tokens"]
+    store = None
     for budget in task["budgets"] or [None]:
         for variant in task["variants"]:
             if variant.get("schedule"):  # a schedule fixes its own budget
@@ -199,7 +195,11 @@ def worker_jaxmoe(task: dict, emit: Callable[[dict], None]) -> None:
             t0, engine = time.time(), None
             try:
                 t = time.perf_counter()
+                if store is not None and not variant.get("schedule"):
+                    load_kw["store"] = store  # same whole-expert split: reuse the pinned experts
                 engine = jaxmoe.load(task["model"]["jaxmoe_dir"], **load_kw)
+                if not variant.get("schedule"):
+                    store = engine.store
                 load_s = time.perf_counter() - t
                 engine.config = engine.config.replace(eos_token_ids=())  # fixed length: never stop early
                 entry_budget = budget
@@ -213,8 +213,6 @@ def worker_jaxmoe(task: dict, emit: Callable[[dict], None]) -> None:
                     engine.route_override = replay
 
                     def once(n):
-                        if replay is not None:
-                            replay.reset()
                         r = engine.generate(prompt_ids=prompt, max_new_tokens=n)
                         x = r.extra
                         return {"decode_tokens_per_s": r.decode_tokens_per_s, "ttft_s": r.ttft_s,

@@ -58,12 +58,15 @@ def load(
     split_ratio: float | None = None,
     prefetch: bool = True,
     kv_length: int = 2048,
+    store=None,
 ):
     """Load a converted (or Hugging Face, converted on first use) model; `None` loads the demo.
 
     With none of `vram_budget` (bytes of the whole device footprint), `expert_budget` (share of
     all expert bytes the device cache may hold) and `schedule` (a planner's JSON), the model is
-    fully resident. Otherwise routed experts stay in host memory behind per-layer device caches.
+    fully resident. Otherwise routed experts stay in host memory behind per-layer device caches;
+    `store` (an engine's `.store`) reuses experts already in host memory when only the policy,
+    prefetch or cache sizes change.
     """
     from jaxmoe.engine import Engine
 
@@ -84,7 +87,7 @@ def load(
         plan = planning.plan_from_budget(config, vram_budget=vram_budget, expert_budget=expert_budget,
                                          split_ratio=split_ratio or 1.0, kv_length=kv_length,
                                          policy=policy or "lru", prefetch=prefetch)
-    return OffloadEngine.from_dir(resolve_model_dir(path), plan)
+    return OffloadEngine.from_dir(resolve_model_dir(path), plan, store)
 
 
 def _config_of(path: str | Path | None):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GenerationConfig, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, GenerationConfig, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
 from jaxmoe.demo import DEMO_DIR, MODEL_DIR
 
@@ -35,11 +35,13 @@ PEAK_LR = 2e-3
 WARMUP_STEPS = 100
 MIN_LR_FRACTION = 0.1
 WEIGHT_DECAY = 0.1
-AUX_LOSS_COEF = 0.002
+AUX_LOSS_COEF = 0.005
 HELD_OUT_FRACTION = 0.05
-DEFAULT_STEPS = 2000
+DEFAULT_STEPS = 1500
 DEFAULT_SEED = 0
-TORCH_THREADS = 2
+# One thread: at this size two barely help, and on a shared 2-core machine two-thread kernels stall
+# whenever either thread is descheduled (5-10x slower steps were measured under load).
+TORCH_THREADS = 1
 # The per-expert loop beats the grouped_mm default several times over on CPU at this size.
 EXPERTS_IMPL = "eager"
 PROMPTS = ("def ", "import ")
@@ -179,7 +181,23 @@ def save_model(model: MixtralForCausalLM, tokenizer: PreTrainedTokenizerFast, ou
     model.generation_config = GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    add_transformers_v4_keys(out, model.config.rope_parameters["rope_theta"])
     check_saved_layout(out)
+
+
+def add_transformers_v4_keys(out: Path, rope_theta: float) -> None:
+    """Let transformers 4.x (which the project also supports) read the folder as 5.x does.
+
+    4.x takes rope_theta from the top level (else silently uses Mixtral's 1e6) and has no
+    TokenizersBackend class; 5.x accepts both additions.
+    """
+    edits = {
+        "config.json": {"rope_theta": rope_theta},
+        "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast"},
+    }
+    for name, extra in edits.items():
+        path = out / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), **extra}, indent=2, sort_keys=True) + "\n")
 
 
 def check_saved_layout(out: Path) -> None:
@@ -192,6 +210,12 @@ def check_saved_layout(out: Path) -> None:
     missing = expected - keys
     if missing or dtypes != {"F32"}:
         sys.exit(f"unexpected safetensors layout in {out}: missing {sorted(missing)}, dtypes {sorted(dtypes)}")
+
+
+def check_round_trip(tokenizer, texts: list[str]) -> None:
+    for text in texts:
+        if tokenizer.decode(tokenizer(text, verbose=False)["input_ids"]) != text:
+            sys.exit("the saved tokenizer does not round-trip the held-out text")
 
 
 @torch.no_grad()
@@ -248,13 +272,14 @@ def generate_samples(model: MixtralForCausalLM, tokenizer: PreTrainedTokenizerFa
 
 def routing_table(layers: list[dict]) -> str:
     rows = [
-        "| layer | entropy (bits) | of uniform | top expert share | least-used share |",
-        "|---:|---:|---:|---:|---:|",
+        "| layer | entropy (bits) | of uniform | top expert share | least-used share | experts under 1% |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for s in layers:
         rows.append(
             f"| {s['layer']} | {s['entropy_bits']:.3f} / {s['uniform_bits']:.0f} "
-            f"| {s['entropy_bits'] / s['uniform_bits']:.0%} | {s['top_expert_share']:.1%} | {min(s['usage']):.1%} |"
+            f"| {s['entropy_bits'] / s['uniform_bits']:.0%} | {s['top_expert_share']:.1%} | {min(s['usage']):.1%} "
+            f"| {sum(u < 0.01 for u in s['usage'])} |"
         )
     return "\n".join(rows)
 
@@ -320,6 +345,8 @@ def main(argv=None) -> None:
     save_model(model, tokenizer, args.out)
     # Measure the saved checkpoint, not the in-memory model, so the report describes what ships.
     model = MixtralForCausalLM.from_pretrained(args.out, experts_implementation=EXPERTS_IMPL)
+    tokenizer = AutoTokenizer.from_pretrained(args.out)
+    check_round_trip(tokenizer, [text for _, text in held_docs])
     held_loss, counts = evaluate(model, held_tokens)
     samples = generate_samples(model, tokenizer)
 

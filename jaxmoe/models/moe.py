@@ -48,12 +48,46 @@ def experts_reference(x, weights, ids, gate, up, down, act="silu"):
     return out.astype(x.dtype)
 
 
+# Up to this many (token, expert) pairs are unrolled in experts_gathered; more run in a scan.
+GATHER_UNROLL_PAIRS = 16
+
+
+def _selected_expert(xt, e, gate, up, down, act):
+    """One token xt [D] through expert e (a traced index) read in place of the stacked [E, I, D]
+    weights by a dynamic slice of each matrix in its stored layout -> [D] float32."""
+    g, u, d = (jax.lax.dynamic_index_in_dim(w, e, axis=0, keepdims=False) for w in (gate, up, down))
+    h = ACTIVATIONS[act](g @ xt) * (u @ xt)  # [I]
+    return (h @ d).astype(jnp.float32)
+
+
 def experts_gathered(x, weights, ids, gate, up, down, act="silu"):
-    """Few tokens: read only the selected experts' weights ([N, k, I, D]) and combine."""
-    g, u, d = gate[ids], up[ids], down[ids]  # [N, k, I, D]
-    h = ACTIVATIONS[act](jnp.einsum("nd,nkid->nki", x, g)) * jnp.einsum("nd,nkid->nki", x, u)
-    y = jnp.einsum("nki,nkid->nkd", h, d)  # [N, k, D]
-    return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(x.dtype)
+    """Few tokens: read only the selected experts' weights, one (token, expert) pair at a time.
+
+    Each pair takes its expert's three [I, D] matrices with `dynamic_index_in_dim` and runs
+    matrix-vector products on them as stored. Gathering `gate[ids]` ([N, k, I, D]) instead makes
+    XLA on CPU fuse the gather with a transpose into the layout its einsum wants, a strided copy
+    that cost ~9x the products themselves at decode (bench/decode_cpu.py; the dynamic slices
+    here are plain contiguous copies at worst).
+    """
+    n, k = ids.shape
+    if n * k <= GATHER_UNROLL_PAIRS:
+        rows = []
+        for t in range(n):
+            acc = jnp.zeros(x.shape[-1:], jnp.float32)
+            for j in range(k):
+                acc = acc + weights[t, j] * _selected_expert(x[t], ids[t, j], gate, up, down, act)
+            rows.append(acc)
+        return jnp.stack(rows).astype(x.dtype)
+
+    def pair(out, p):
+        t, e, w = p
+        y = _selected_expert(jax.lax.dynamic_index_in_dim(x, t, keepdims=False), e, gate, up, down, act)
+        return out.at[t].add(w * y), None
+
+    tokens = jnp.repeat(jnp.arange(n, dtype=jnp.int32), k)
+    out, _ = jax.lax.scan(pair, jnp.zeros((n, x.shape[-1]), jnp.float32),
+                          (tokens, ids.reshape(-1), weights.reshape(-1).astype(jnp.float32)))
+    return out.astype(x.dtype)
 
 
 _CONTRACT_D = jax.lax.RaggedDotDimensionNumbers(

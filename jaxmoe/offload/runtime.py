@@ -71,6 +71,10 @@ class HostExpertStore:
                 bottoms.append(jax.device_put(np.ascontiguousarray(rest), host) if rest.shape[1] else None)
             self.top[p.layer], self.bottom[p.layer] = tops, bottoms
 
+    def fits(self, plan: OffloadPlan) -> bool:
+        """Whether this store's segments are the ones `plan` splits experts into."""
+        return all(p.layer in self.top and self.top[p.layer][0].shape[1] == p.split_rows for p in plan.layers)
+
     def nbytes(self) -> int:
         return sum(a.nbytes for layer in (*self.top.values(), *self.bottom.values()) for a in layer if a is not None)
 
@@ -156,7 +160,8 @@ def _jitted(fn, *static, donate: tuple[int, ...] = ()):
 class OffloadEngine(Engine):
     """An `Engine` whose routed experts live in host memory behind per-layer device caches."""
 
-    def __init__(self, config: ModelConfig, model_dir: Path, plan: OffloadPlan, tokenizer=None):
+    def __init__(self, config: ModelConfig, model_dir: Path, plan: OffloadPlan, tokenizer=None,
+                 store: HostExpertStore | None = None):
         self.plan = plan
         self.policy = policies.get(plan.policy)
         if plan.policy in policies.ORACLE:
@@ -166,7 +171,9 @@ class OffloadEngine(Engine):
             empty = jnp.zeros((0, config.moe_intermediate_size, config.hidden_size), config.jnp_dtype)
             params["layers"][layer]["mlp"].update(gate=empty, up=empty, down=empty)
         super().__init__(config, params, tokenizer, model_dir)
-        self.store = HostExpertStore(model_dir, config, plan)
+        if store is not None and not store.fits(plan):
+            raise ValueError("the given host expert store was split for another plan")
+        self.store = store or HostExpertStore(model_dir, config, plan)
 
         model = nnx.merge(self.graphdef, self.state)
         self.layer_defs = [nnx.split(layer) for layer in model.layers]
@@ -199,18 +206,23 @@ class OffloadEngine(Engine):
         self._inflight_bottoms: dict[int, dict[int, jax.Array]] = {l: {} for l in self.controllers}
         self._predicted: dict[int, list[int]] = {}
         self._now = 0
-        # Optional (layer, step, tokens) -> (expert ids [tokens, k], weights [tokens, k]): replaces
-        # the router's choice, so benchmarks can drive every system with one recorded routing.
+        # Optional hooks that make every system follow one recorded routing in benchmarks:
+        # route_override(layer, position, tokens) -> (expert ids [tokens, k], weights [tokens, k])
+        # replaces the router's choice for the tokens at positions position.. of the request;
+        # predict_override(layer, position) -> expert ids replaces the prefetch guess for `layer`.
         self.route_override = None
+        self.predict_override = None
+        self._request_now = 0
         self._request_start: dict[str, int] = {}
         self._prefill_counters: dict[str, int] = {}
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, plan: OffloadPlan | None = None, **budget) -> OffloadEngine:
+    def from_dir(cls, model_dir: str | Path, plan: OffloadPlan | None = None, store: HostExpertStore | None = None,
+                 **budget) -> OffloadEngine:
         model_dir = Path(model_dir)
         config = ckpt.load_config(model_dir)
         plan = plan or planning.plan_from_budget(config, **budget)
-        return cls(config, model_dir, plan, _load_tokenizer(model_dir))
+        return cls(config, model_dir, plan, _load_tokenizer(model_dir), store)
 
     def max_context(self) -> int:
         return min(self.config.max_position_embeddings, self.plan.kv_length)
@@ -274,7 +286,7 @@ class OffloadEngine(Engine):
             x_attn, hn, weights, ids, predicted, ks[l], vs[l] = attn(x, start, ks[l], vs[l])
             chosen = np.asarray(ids)[:valid]  # the one host sync of the layer
             if self.route_override is not None:  # replay recorded routing instead of the router's
-                chosen, forced_w = self.route_override(l, self._now, valid)
+                chosen, forced_w = self.route_override(l, self._now - self._request_now, valid)
                 pad = ids.shape[0] - valid
                 ids = jnp.asarray(np.pad(chosen, ((0, pad), (0, 0))), jnp.int32)
                 weights = jnp.asarray(np.pad(forced_w, ((0, pad), (0, 0))), jnp.float32)
@@ -284,6 +296,8 @@ class OffloadEngine(Engine):
             chunks = ctl.step([row.tolist() for row in chosen], self._now)
             if nl is not None:
                 guess = np.asarray(predicted)[0].tolist()
+                if self.predict_override is not None:
+                    guess = [int(e) for e in self.predict_override(nl, self._now - self._request_now)]
                 self._predicted[nl] = guess
                 tops, bottoms = self.controllers[nl].prefetch(guess, self._now)
                 for e, _ in tops:
@@ -318,6 +332,7 @@ class OffloadEngine(Engine):
             ctl.cache.new_request()
         self._predicted.clear()
         self._request_start = self.counters.snapshot()
+        self._request_now = self._now
 
     def _request_report(self, result: GenerationResult) -> dict[str, Any]:
         now = self.counters.snapshot()
