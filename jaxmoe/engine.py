@@ -103,6 +103,8 @@ def _forward(graphdef, state, tokens, cache, predict_next=False):
 class Engine:
     """A loaded model: parameters on the device, the tokenizer, and compiled step functions."""
 
+    pipelined_decode = True  # dispatch decode step n+1 before reading step n's token
+
     def __init__(self, config: ModelConfig, params: dict, tokenizer=None, model_dir: Path | None = None):
         self.config = config
         self.tokenizer = tokenizer
@@ -230,24 +232,31 @@ class Engine:
 
         stop = "eos" if out[0] in eos else None
         token, pos, queued = first, n, None
+
+        def consume(step) -> bool:
+            out.append(int(step[0][0]))
+            if return_logits:
+                all_logits.append(np.asarray(step[1][0]))
+            printer.push(out)
+            return out[-1] in eos
+
         while stop is None:
             step = None
             if len(out) + (queued is not None) < budget:
-                # Dispatch step n+1 before reading step n's token: host and device overlap.
                 key = jax.random.fold_in(base_key, pos - n + 1)
                 token, step_logits, cache = decode(token, jnp.int32(pos), cache, key, sampling)
                 pos += 1
                 step = (token, step_logits)
-            if queued is not None:
-                out.append(int(queued[0][0]))
-                if return_logits:
-                    all_logits.append(np.asarray(queued[1][0]))
-                printer.push(out)
-                if out[-1] in eos:
-                    stop = "eos"
+            if queued is not None and consume(queued):
+                stop = "eos"
+            # Pipelined: step n+1 is dispatched before step n's token is read, so host and device
+            # overlap; an engine that syncs inside a step reads each token at once instead.
             queued = step
             if queued is None:
                 break
+            if not self.pipelined_decode and stop is None:
+                stop = "eos" if consume(queued) else None
+                queued = None
         if stop is None:
             stop = "length" if budget == max_new_tokens else "context"
         t_end, compiled_end = time.perf_counter(), compile_clock()

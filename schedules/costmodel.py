@@ -1,18 +1,19 @@
 """Decode latency model: seconds per token from per-layer compute times and transfers.
 
 The runtime (jaxmoe.offload.runtime) runs each MoE layer as: attention + router (one device
-call), a host sync to read the router's choice, then the controller's decisions: the next layer's
-predicted segments are issued (prefetch), then this layer's missing segments (demand), then the
-expert computation, which waits for this layer's demand fetches and for the prefetch issued into
-it one layer earlier (the first chunk writes every prefetched top into the cache).
+call), a host sync to read the router's choice, then the controller's decisions: this layer's
+missing segments are issued (demand), then the expert computation, which waits for them and for
+the prefetch issued into it one layer earlier (the first chunk writes every prefetched top into
+the cache), then the next layer's predicted segments (prefetch), behind the demand on the copy
+stream.
 
 The model replays that order per decode token with two resources that run in parallel, the
 compute stream and one host->device copy stream, each doing its work in issue order:
 
     for MoE layer i:
         router_done  = compute_free + a_i                      # dense layers before i, attention, router(s), sync
-        prefetch into layer i+1:  starts at max(copy_free, router_done), lasts P_{i+1}
         demand of layer i:        starts at max(copy_free, router_done), lasts D_i
+        prefetch into layer i+1:  starts at max(copy_free, router_done), lasts P_{i+1}
         compute_free = max(router_done, demand done, prefetch into i done) + c_i   # experts
     token time = compute_free after the last MoE layer + tail (later dense layers, head)
 
@@ -134,14 +135,14 @@ def pipeline(a, c, prefetch_s, demand_s, start: int = 0, state=None, states: lis
         if states is not None:
             states.append((compute, copy, pre_done))
         router_done = compute + a[i]
+        has = demand_s[i] > 0
+        dem_done = np.where(has, np.maximum(copy, router_done) + demand_s[i], router_done)
+        copy = np.where(has, dem_done, copy)
         nxt = 0.0
         if i + 1 < layers:
             has = prefetch_s[i + 1] > 0
             nxt = np.where(has, np.maximum(copy, router_done) + prefetch_s[i + 1], 0.0)
             copy = np.where(has, nxt, copy)
-        has = demand_s[i] > 0
-        dem_done = np.where(has, np.maximum(copy, router_done) + demand_s[i], router_done)
-        copy = np.where(has, dem_done, copy)
         compute = np.maximum(np.maximum(router_done, dem_done), pre_done) + c[i]
         pre_done = nxt
     return compute

@@ -33,27 +33,13 @@ import numpy as np
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.offload import policies
-from jaxmoe.offload.cache import Counters, LayerCache, LayerController
+from jaxmoe.offload.cache import Counters, build_controllers
 from jaxmoe.offload.plan import LayerPlan, OffloadPlan, row_bytes
 from jaxmoe.schedules import costmodel
 from jaxmoe.schedules.trace import Trace, TraceError
 
 PREDICTORS = ("router", "oracle")
 ALL_POLICIES = (*policies.ONLINE, *policies.ORACLE)
-
-
-def build_controllers(config: ModelConfig, plan: OffloadPlan, policy: policies.Policy,
-                      counters: Counters) -> dict[int, LayerController]:
-    """Per MoE layer, the controller OffloadEngine.__init__ builds for this plan."""
-    rows = row_bytes(config)
-    out = {}
-    for p in plan.layers:
-        prior = np.asarray(p.prior) if p.prior is not None else None
-        warm = list(p.hot) + [e for e in range(config.num_experts) if e not in p.hot]
-        cache = LayerCache(config.num_experts, config.top_k, p.slots, policy, prior, warm[: p.slots])
-        bottom_rows = config.moe_intermediate_size - p.split_rows
-        out[p.layer] = LayerController(cache, config.top_k, p.split_rows * rows, bottom_rows * rows, counters)
-    return out
 
 
 @dataclasses.dataclass

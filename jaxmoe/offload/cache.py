@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxmoe.config import ModelConfig
+from jaxmoe.offload.plan import OffloadPlan, row_bytes
 from jaxmoe.offload.policies import ExpertStats, Policy
 
 
@@ -41,7 +43,7 @@ class LayerCache:
         if free.size:
             slot, victim = int(free[0]), -1
         else:
-            candidates = np.array([e for e in self.slot_expert if e not in protected], np.int64)
+            candidates = self.slot_expert[~np.isin(self.slot_expert, list(protected))]
             if candidates.size == 0:
                 raise CacheFullError(f"all {self.slots} slots hold experts needed now")
             victim = int(candidates[int(np.argmin(self.policy(candidates, self.stats, now)))])
@@ -172,3 +174,18 @@ class LayerController:
         self.counters.predicted += len(set(predicted))
         self.counters.predicted_used += len(set(predicted) & set(actual))
         self.counters.predicted_needed += len(set(actual))
+
+
+def build_controllers(config: ModelConfig, plan: OffloadPlan, policy: Policy,
+                      counters: Counters) -> dict[int, LayerController]:
+    """Per MoE layer, the controller of `plan`: caches warm with the layer's hot set first, then
+    the other experts in id order, up to its slots. The runtime and the simulator both use this."""
+    rows = row_bytes(config)
+    out = {}
+    for p in plan.layers:
+        prior = np.asarray(p.prior) if p.prior is not None else None
+        warm = list(p.hot) + [e for e in range(config.num_experts) if e not in p.hot]
+        cache = LayerCache(config.num_experts, config.top_k, p.slots, policy, prior, warm[: p.slots])
+        bottom_rows = config.moe_intermediate_size - p.split_rows
+        out[p.layer] = LayerController(cache, config.top_k, p.split_rows * rows, bottom_rows * rows, counters)
+    return out

@@ -44,7 +44,7 @@ from jaxmoe.models.moe import experts_segments
 from jaxmoe.models.transformer import KVCache, project_out
 from jaxmoe.offload import plan as planning
 from jaxmoe.offload import policies
-from jaxmoe.offload.cache import Counters, LayerCache, LayerController
+from jaxmoe.offload.cache import Counters, build_controllers
 from jaxmoe.offload.plan import OffloadPlan
 from jaxmoe.sampling import greedy, sample
 
@@ -160,6 +160,10 @@ def _jitted(fn, *static, donate: tuple[int, ...] = ()):
 class OffloadEngine(Engine):
     """An `Engine` whose routed experts live in host memory behind per-layer device caches."""
 
+    # Each step already syncs per layer; reading its token at once means a step after EOS is
+    # never dispatched, so no transfer is made (or counted) for a token nobody asked for.
+    pipelined_decode = False
+
     def __init__(self, config: ModelConfig, model_dir: Path, plan: OffloadPlan, tokenizer=None,
                  store: HostExpertStore | None = None):
         self.plan = plan
@@ -182,22 +186,16 @@ class OffloadEngine(Engine):
         norm_def, norm_state = nnx.split(model.final_norm)
         out_def, out_state = nnx.split(model.output_layer())
         self._head = functools.partial(_jitted(_head, norm_def, out_def), norm_state, out_state)
-        rows = planning.row_bytes(config)
         self.counters = Counters()
-        self.controllers: dict[int, LayerController] = {}
+        self.controllers = build_controllers(config, plan, self.policy, self.counters)
+        device = memory("device")
         self.caches: dict[int, jax.Array] = {}
         self._zero_top: dict[int, jax.Array] = {}
         self._zero_bottom: dict[int, jax.Array] = {}
-        device = memory("device")
         for p in plan.layers:
-            prior = np.asarray(p.prior) if p.prior is not None else None
-            warm = list(p.hot) + [e for e in range(config.num_experts) if e not in p.hot]
-            cache = LayerCache(config.num_experts, config.top_k, p.slots, self.policy, prior, warm[: p.slots])
+            slot_expert = self.controllers[p.layer].cache.slot_expert
+            self.caches[p.layer] = jnp.stack([jax.device_put(self.store.top[p.layer][e], device) for e in slot_expert])
             bottom_rows = config.moe_intermediate_size - p.split_rows
-            self.controllers[p.layer] = LayerController(cache, config.top_k, p.split_rows * rows,
-                                                        bottom_rows * rows, self.counters)
-            self.caches[p.layer] = jnp.stack([jax.device_put(self.store.top[p.layer][e], device)
-                                              for e in cache.slot_expert])
             self._zero_top[p.layer] = jnp.zeros((3, p.split_rows, config.hidden_size), config.jnp_dtype)
             self._zero_bottom[p.layer] = jnp.zeros((3, bottom_rows, config.hidden_size), config.jnp_dtype)
         self.next_moe = {l: l + 1 for l in config.moe_layer_ids if l + 1 in self.controllers}
@@ -294,6 +292,9 @@ class OffloadEngine(Engine):
             if l in self._predicted:
                 ctl.score_prediction(self._predicted.pop(l), chosen[0].tolist())
             chunks = ctl.step([row.tolist() for row in chosen], self._now)
+            # Demand transfers and the experts go first; the next layer's guess queues behind
+            # them on the copy stream and moves while these experts compute.
+            x = self._run_chunks(l, x_attn, hn, weights, ids, np.int32(valid), chunks)
             if nl is not None:
                 guess = np.asarray(predicted)[0].tolist()
                 if self.predict_override is not None:
@@ -304,7 +305,6 @@ class OffloadEngine(Engine):
                     self._inflight_tops[nl][e] = self._fetch(self.store.top[nl][e])
                 for e in bottoms:
                     self._inflight_bottoms[nl][e] = self._fetch(self.store.bottom[nl][e])
-            x = self._run_chunks(l, x_attn, hn, weights, ids, np.int32(valid), chunks)
         self._now += valid
         return x, KVCache(k=tuple(ks), v=tuple(vs))
 
