@@ -121,9 +121,10 @@ def _experts(layer_def, finish, layer_state, x, hn, acc, weights, ids, valid, me
                              weights[:, :, None], 0.0), axis=1)  # [N, K]
     layer = nnx.merge(layer_def, layer_state)
     act = layer.mlp.c.hidden_act
-    y = experts_segments(flat, coef, cache[slots], act)
+    tops = [jax.lax.dynamic_index_in_dim(cache, slots[j], keepdims=False) for j in range(slots.shape[0])]
+    y = experts_segments(flat, coef, tops, act)
     if bottoms:
-        y = y + experts_segments(flat, coef, jnp.stack(bottoms), act)
+        y = y + experts_segments(flat, coef, bottoms, act)
     acc = y if acc is None else acc + y
     if not finish:
         return acc, cache
