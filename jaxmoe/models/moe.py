@@ -119,9 +119,12 @@ def experts_auto(x, weights, ids, gate, up, down, act="silu"):
     return experts_grouped(x, weights, ids, gate, up, down, act)
 
 
-def experts_segments(x, coef, w, act="silu"):
-    """Experts (or one segment of each) packed as w [K, 3, R, D] = (gate, up, down) rows, combined
-    with per-token coefficients coef [N, K] (zero where a token does not use the expert)."""
-    h = ACTIVATIONS[act](jnp.einsum("nd,krd->nkr", x, w[:, 0])) * jnp.einsum("nd,krd->nkr", x, w[:, 1])
-    y = jnp.einsum("nkr,krd->nkd", h, w[:, 2])
-    return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), coef)
+def experts_segments(x, coef, segments, act="silu"):
+    """Experts (or one segment of each) given as K arrays [3, R, D] of (gate, up, down) rows,
+    combined with per-token coefficients coef [N, K] (zero where a token does not use the
+    expert) -> [N, D] float32. Each segment is used as stored (no gather into a new layout)."""
+    out = jnp.zeros((x.shape[0], x.shape[-1]), jnp.float32)
+    for j, w in enumerate(segments):
+        h = ACTIVATIONS[act](jnp.einsum("nd,rd->nr", x, w[0])) * jnp.einsum("nd,rd->nr", x, w[1])
+        out = out + coef[:, j : j + 1] * jnp.einsum("nr,rd->nd", h, w[2]).astype(jnp.float32)
+    return out
