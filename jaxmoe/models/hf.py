@@ -132,3 +132,22 @@ def outer_tensors(c: ModelConfig) -> list[TensorSpec]:
     if not c.tie_word_embeddings:
         specs.append(TensorSpec("lm_head.kernel", "lm_head.weight", True))
     return specs
+
+
+def moe_tensor_map(c: ModelConfig, block: str, expert_names: tuple[str, str, str]) -> list[TensorSpec]:
+    """The whole map of a Llama-style MoE checkpoint whose MoE block is `model.layers.{l}.<block>`
+    (router `gate`, experts with `expert_names`, Qwen-style `shared_expert` when configured) and
+    whose dense layers are `model.layers.{l}.mlp`."""
+    specs = outer_tensors(c)
+    for layer in range(c.num_layers):
+        ours, theirs = f"layers.{layer}.mlp", f"model.layers.{layer}.{block}"
+        specs += attention_tensors(c, layer)
+        if not c.moe_layers[layer]:
+            specs += dense_mlp_tensors(ours, f"model.layers.{layer}.mlp")
+            continue
+        specs.append(TensorSpec(f"{ours}.router.kernel", f"{theirs}.gate.weight", True))
+        specs += expert_tensors(c, layer, theirs, expert_names)
+        if c.shared_expert_intermediate_size:
+            specs += dense_mlp_tensors(f"{ours}.shared", f"{theirs}.shared_expert")
+            specs.append(TensorSpec(f"{ours}.shared_gate.kernel", f"{theirs}.shared_expert_gate.weight", True))
+    return specs

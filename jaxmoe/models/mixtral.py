@@ -24,13 +24,7 @@ def config_from_hf(h: dict[str, Any], dtype: str | None = None, generation: dict
 
 
 def tensor_map(c: ModelConfig) -> list[TensorSpec]:
-    specs = hf.outer_tensors(c)
-    for layer in range(c.num_layers):
-        moe = f"model.layers.{layer}.block_sparse_moe"
-        specs += hf.attention_tensors(c, layer)
-        specs.append(TensorSpec(f"layers.{layer}.mlp.router.kernel", f"{moe}.gate.weight", True))
-        specs += hf.expert_tensors(c, layer, moe, ("w1", "w3", "w2"))
-    return specs
+    return hf.moe_tensor_map(c, "block_sparse_moe", ("w1", "w3", "w2"))
 
 
 PRESETS = {

@@ -31,17 +31,7 @@ def config_from_hf(h: dict[str, Any], dtype: str | None = None, generation: dict
 
 
 def tensor_map(c: ModelConfig) -> list[TensorSpec]:
-    specs = hf.outer_tensors(c)
-    for layer in range(c.num_layers):
-        mlp = f"model.layers.{layer}.mlp"
-        ours = f"layers.{layer}.mlp"
-        specs += hf.attention_tensors(c, layer)
-        if not c.moe_layers[layer]:
-            specs += hf.dense_mlp_tensors(ours, mlp)
-            continue
-        specs.append(TensorSpec(f"{ours}.router.kernel", f"{mlp}.gate.weight", True))
-        specs += hf.expert_tensors(c, layer, mlp, ("gate_proj", "up_proj", "down_proj"))
-    return specs
+    return hf.moe_tensor_map(c, "mlp", ("gate_proj", "up_proj", "down_proj"))
 
 
 PRESETS = {
