@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The public Mixtral-8x7B-Instruct routing trace (provenance in its SOURCE.md).
+MIXTRAL_TRACE = Path(__file__).parent / "data" / "mixtral-8x7b-instruct" / "humaneval_2_routing.jsonl"
+
 TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
             bos_token_id=1, eos_token_id=2, pad_token_id=0)

@@ -25,7 +25,7 @@ from conftest import max_rel_err, torch_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
-TRACE = ROOT.parent / "shared" / "traces" / "mixtral-8x7b-instruct" / "humaneval_2_routing.jsonl"
+from conftest import MIXTRAL_TRACE as TRACE  # noqa: E402
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402

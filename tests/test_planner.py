@@ -18,7 +18,7 @@ from jaxmoe.schedules import planner
 from jaxmoe.schedules import profile as prof
 from jaxmoe.schedules import trace as tr
 
-SHARED_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mixtral-8x7b-instruct" / "humaneval_2_routing.jsonl"
+from conftest import MIXTRAL_TRACE as SHARED_TRACE  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from jaxmoe.cli import main
 from jaxmoe.schedules import stats
 from jaxmoe.schedules import trace as tr
 
-SHARED_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mixtral-8x7b-instruct" / "humaneval_2_routing.jsonl"
+from conftest import MIXTRAL_TRACE as SHARED_TRACE  # noqa: E402
 
 
 def _toy_trace(predicted=True) -> tr.Trace:
