@@ -243,8 +243,8 @@ class Engine:
         while stop is None:
             step = None
             if len(out) + (queued is not None) < budget:
-                key = jax.random.fold_in(base_key, pos - n + 1)
-                token, step_logits, cache = decode(token, jnp.int32(pos), cache, key, sampling)
+                key = base_key if greedy_only else jax.random.fold_in(base_key, pos - n + 1)  # greedy: unused
+                token, step_logits, cache = decode(token, np.int32(pos), cache, key, sampling)
                 pos += 1
                 step = (token, step_logits)
             if queued is not None and consume(queued):
