@@ -83,6 +83,7 @@ def run(engine, prompt, tokens, repeats) -> tuple[dict, list[int]]:
 def bench_model(name: str, workdir: Path, tokens: int, repeats: int) -> dict:
     path = model_dir(name, workdir)
     resident = Engine.from_dir(path)
+    resident.config = resident.config.replace(eos_token_ids=())  # fixed length: never stop early
     prompt, history = prompts(resident, name)
     c = resident.config
     result = {"config": {"layers": c.num_layers, "experts": c.num_experts, "top_k": c.top_k,

@@ -104,16 +104,19 @@ def _dense_layer(layer_def, layer_state, x, start, k, v):
     return x, k, v
 
 
-def _experts(layer_def, finish, layer_state, x, hn, acc, weights, ids, valid, members, slots, bottoms, cache,
-             new_tops, new_slots):
-    """Write arrived top segments into the cache, then add the chunk's experts to `acc`.
+def _write_tops(cache, tops, slots):
+    """Arrived top segments (a tuple of [3, R, D]) into their cache slots [n]; the cache is donated,
+    so this writes in place. Called only when something arrived, with exactly what arrived."""
+    return cache.at[slots].set(jnp.stack(tops))
+
+
+def _experts(layer_def, finish, layer_state, x, hn, acc, weights, ids, valid, members, slots, bottoms, cache):
+    """Add a chunk's experts, read from cache slots, to `acc`.
 
     members [K] expert ids (-1 pads), slots [K] their cache slots, bottoms: K arrays [3, I-R, D]
-    (empty tuple without a split), new_tops: M arrays [3, R, D] written at new_slots [M] (index C,
-    out of range, means no write). `acc` is None for a layer's first chunk. With `finish`, returns
-    the layer output instead of `acc`.
+    (empty tuple without a split). `acc` is None for a layer's first chunk. With `finish`,
+    returns the layer output instead of `acc`.
     """
-    cache = cache.at[new_slots].set(jnp.stack(new_tops), mode="drop")
     b, t, d = hn.shape
     flat = hn.reshape(b * t, d)
     token_ok = (jnp.arange(b * t) < valid)[:, None]  # padded prompt positions take no experts
@@ -127,11 +130,11 @@ def _experts(layer_def, finish, layer_state, x, hn, acc, weights, ids, valid, me
         y = y + experts_segments(flat, coef, bottoms, act)
     acc = y if acc is None else acc + y
     if not finish:
-        return acc, cache
+        return acc
     y = acc.astype(x.dtype)
     if layer.mlp.c.shared_expert_intermediate_size:
         y = y + jax.nn.sigmoid(layer.mlp.shared_gate(flat)) * layer.mlp.shared(flat)
-    return x + y.reshape(b, t, d), cache
+    return x + y.reshape(b, t, d)
 
 
 def _embed(embed_def, embed_state, tokens):
@@ -146,6 +149,9 @@ def _head(norm_def, out_def, norm_state, out_state, x):
 @functools.partial(jax.jit, static_argnames="greedy_only")
 def _choose(logits, key, sampling, *, greedy_only: bool):
     return greedy(logits) if greedy_only else sample(logits, key, sampling)
+
+
+_write_tops_jit = jax.jit(_write_tops, donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -191,13 +197,11 @@ class OffloadEngine(Engine):
         self.controllers = build_controllers(config, plan, self.policy, self.counters)
         device = memory("device")
         self.caches: dict[int, jax.Array] = {}
-        self._zero_top: dict[int, jax.Array] = {}
         self._zero_bottom: dict[int, jax.Array] = {}
         for p in plan.layers:
             slot_expert = self.controllers[p.layer].cache.slot_expert
             self.caches[p.layer] = jnp.stack([jax.device_put(self.store.top[p.layer][e], device) for e in slot_expert])
             bottom_rows = config.moe_intermediate_size - p.split_rows
-            self._zero_top[p.layer] = jnp.zeros((3, p.split_rows, config.hidden_size), config.jnp_dtype)
             self._zero_bottom[p.layer] = jnp.zeros((3, bottom_rows, config.hidden_size), config.jnp_dtype)
         self.next_moe = {l: l + 1 for l in config.moe_layer_ids if l + 1 in self.controllers}
         self._layer_fns = [self._bind_layer(l) for l in range(config.num_layers)]
@@ -241,25 +245,22 @@ class OffloadEngine(Engine):
             fns["attn_predict"] = functools.partial(_jitted(_attn_router, layer_def, next_def, donate=(4, 5)),
                                                     layer_state, next_state)
         for finish in (False, True):
-            fns[finish] = functools.partial(_jitted(_experts, layer_def, finish, donate=(3, 10)), layer_state)
+            fns[finish] = functools.partial(_jitted(_experts, layer_def, finish, donate=(3,)), layer_state)
         return fns
 
     def _fetch(self, array: jax.Array) -> jax.Array:
         return jax.device_put(array, memory("device"))
 
     def _run_chunks(self, l, x, hn, weights, ids, valid, chunks):
-        store, c = self.store, self.config
-        k, m = c.top_k, 2 * c.top_k
-        slots_total = self.caches[l].shape[0]
+        store, k = self.store, self.config.top_k
         inflight_tops, inflight_bottoms = self._inflight_tops[l], self._inflight_bottoms[l]
         fns, acc = self._layer_fns[l], None
         for i, chunk in enumerate(chunks):
-            tops = [inflight_tops.pop(e) if e in inflight_tops else self._fetch(store.top[l][e])
-                    for e, _ in chunk.top_fetches]
-            new_slots = [s for _, s in chunk.top_fetches]
-            pad = m - len(tops)
-            tops += [self._zero_top[l]] * pad
-            new_slots += [slots_total] * pad
+            if chunk.top_fetches:
+                tops = tuple(inflight_tops.pop(e) if e in inflight_tops else self._fetch(store.top[l][e])
+                             for e, _ in chunk.top_fetches)
+                slots = np.array([s for _, s in chunk.top_fetches], np.int32)
+                self.caches[l] = _write_tops_jit(self.caches[l], tops, slots)
             bottoms = ()
             if store.bottom[l][0] is not None:
                 bottoms = tuple(self._fetch(store.bottom[l][e]) if e in chunk.bottom_fetches else inflight_bottoms.pop(e)
@@ -267,9 +268,7 @@ class OffloadEngine(Engine):
                 bottoms += (self._zero_bottom[l],) * (k - len(bottoms))
             members = np.array(chunk.members + [-1] * (k - len(chunk.members)), np.int32)
             slots = np.array(chunk.slots + [0] * (k - len(chunk.slots)), np.int32)
-            acc, self.caches[l] = fns[i == len(chunks) - 1](
-                x, hn, acc, weights, ids, valid, members, slots, bottoms, self.caches[l], tuple(tops),
-                np.array(new_slots, np.int32))
+            acc = fns[i == len(chunks) - 1](x, hn, acc, weights, ids, valid, members, slots, bottoms, self.caches[l])
         inflight_tops.clear()
         inflight_bottoms.clear()
         return acc  # the layer output after the last chunk
