@@ -154,15 +154,9 @@ def cli_available() -> bool:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return dict(cpu=cpu, cores=os.cpu_count(), usable_cores=len(os.sched_getaffinity(0)),
+    import common
+
+    return dict(cpu=common.cpu_model(), cores=os.cpu_count(), usable_cores=len(os.sched_getaffinity(0)),
                 ram_bytes=psutil.virtual_memory().total, platform=platform.platform())
 
 
