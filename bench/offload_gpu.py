@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import SingleDeviceSharding  # noqa: E402
 
+import common  # noqa: E402  (bench/common.py: machine, versions, bandwidth)
 import jaxmoe  # noqa: E402
 from jaxmoe import checkpoint as ckpt  # noqa: E402
 from jaxmoe.config import DTYPES, ModelConfig  # noqa: E402
@@ -71,13 +70,6 @@ def write_random_checkpoint(config: ModelConfig, out: Path, seed: int = 0) -> Pa
     return out
 
 
-def device_info() -> dict:
-    dev = jax.devices()[0]
-    return {"platform": dev.platform, "device": getattr(dev, "device_kind", str(dev)), "host": platform.node(),
-            "cpu": platform.processor() or platform.machine(), "python": sys.version.split()[0],
-            "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax, "lib") else None}
-
-
 def _median_time(fn, repeats: int) -> float:
     fn()
     times = []
@@ -86,17 +78,6 @@ def _median_time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def h2d_bandwidth(sizes_mb: list[int], repeats: int = 5) -> list[dict]:
-    dev = jax.devices()[0]
-    host, device = SingleDeviceSharding(dev, memory_kind="pinned_host"), SingleDeviceSharding(dev, memory_kind="device")
-    rows = []
-    for mb in sizes_mb:
-        x = jax.device_put(np.ones(mb * 2**20 // 2, np.uint16), host)
-        t = _median_time(lambda: jax.device_put(x, device).block_until_ready(), repeats)
-        rows.append({"bytes": x.nbytes, "seconds": t, "gb_per_s": x.nbytes / t / 1e9})
-    return rows
 
 
 def transfer_designs(config: ModelConfig, experts_per_step: int, steps: int) -> dict:
@@ -163,7 +144,7 @@ def main(argv=None) -> dict:
     if args.smoke:
         config = config.replace(hidden_size=128, moe_intermediate_size=256, num_heads=4, num_kv_heads=2, head_dim=32,
                                 vocab_size=512, dtype="float32")
-    info = device_info()
+    info = common.machine_info("gpu" if jax.devices()[0].platform == "gpu" else "cpu")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="jaxmoe-offload-gpu-"))
     model_dir = work / f"{args.preset}-L{args.layers}{'-smoke' if args.smoke else ''}"
     t = time.perf_counter()
@@ -171,13 +152,13 @@ def main(argv=None) -> dict:
         write_random_checkpoint(config, model_dir)
     build_s = time.perf_counter() - t
 
-    bandwidth = h2d_bandwidth([1, 16, 64, 256] if not args.smoke else [1, 4])
+    bandwidth = common.h2d_bandwidth_jax([1, 16, 64, 256] if not args.smoke else [1, 4])
     peak_bw = max(r["gb_per_s"] for r in bandwidth) * 1e9
     prompt = list(range(3, 3 + 128 if not args.smoke else 19))
-    common = dict(kv_length=512, expert_budget=args.budget)
+    at_budget = dict(kv_length=512, expert_budget=args.budget)
     runs = {
-        "prefetch": decode_run(model_dir, prompt, args.tokens, args.repeats, prefetch=True, **common),
-        "no_prefetch": decode_run(model_dir, prompt, args.tokens, args.repeats, prefetch=False, **common),
+        "prefetch": decode_run(model_dir, prompt, args.tokens, args.repeats, prefetch=True, **at_budget),
+        "no_prefetch": decode_run(model_dir, prompt, args.tokens, args.repeats, prefetch=False, **at_budget),
         "compute_only": decode_run(model_dir, prompt, args.tokens, args.repeats, prefetch=False, kv_length=512,
                                    expert_budget=1.0),
     }
@@ -192,7 +173,7 @@ def main(argv=None) -> dict:
         r["floor_ratio"] = r["s_per_token"] / max(r["copy_only_s_per_token"], t_compute)
     same = runs["prefetch"]["token_ids"] == runs["no_prefetch"]["token_ids"] == runs["compute_only"]["token_ids"]
     report = {
-        "benchmark": "offload_gpu", "machine": info, "settings": {
+        "benchmark": "offload_gpu", "machine": info, "versions": common.versions(), "settings": {
             "preset": args.preset, "layers": args.layers, "depth_cut": f"{args.layers} of {preset(args.preset).num_layers} layers",
             "expert_budget": args.budget, "new_tokens": args.tokens, "prompt_tokens": len(prompt),
             "repeats": args.repeats, "dtype": config.dtype, "smoke": args.smoke, "weights": "random",
