@@ -1,7 +1,7 @@
 """Steady-state greedy decode speed on CPU: jaxmoe against transformers' own `generate`.
 
-    python bench/decode_cpu.py                        # random ~140M Mixtral, plus the demo model if built
-    python bench/decode_cpu.py --models random        # only the random Mixtral-shaped model
+    python bench/decode_cpu.py                        # demo model, random ~110M and ~140M Mixtral shapes
+    python bench/decode_cpu.py --models random        # only the random ~110M Mixtral-shaped model
     python bench/decode_cpu.py --models demo,random --new-tokens 128 --repeats 5
 
 Both sides get the same weights, the same prompt token ids and the same number of new tokens,
@@ -19,8 +19,11 @@ jaxmoe: the engine's stop-token set emptied). Only decode steps are timed on bot
   Repeats alternate between all runners so background load hits both sides alike.
 
 Models: `random` is a seeded random MixtralConfig (8 layers, hidden 512, 8 experts of
-intermediate 1024, top-2, vocab 32000, 8 heads, 4 kv heads, float32) built with transformers and
-converted with `jaxmoe.convert.convert`; `demo` is the bundled model at jaxmoe/demo/model/.
+intermediate 1024, top-2, 8 heads, 4 kv heads, float32) with the demo's vocabulary size, 4096:
+111M parameters, as near 100M as these dimensions allow (the layers alone hold 107M).
+`random-v32k` is the same with Mixtral's own 32000-token untied vocabulary (140M; its LM head is a
+third of the bytes a decode step reads). Both are built with transformers and converted with
+`jaxmoe.convert.convert`; `demo` is the bundled model at jaxmoe/demo/model/.
 
 Also measured, to tell what limits decode: this machine's memory bandwidth (numpy sum and copy,
 one and two threads, on an array larger than the L3 and on one the size of a decode step's
@@ -29,11 +32,9 @@ each MoE layer, one embedding row, the LM head; from the config) and hence the G
 achieves, and jitted XLA vs torch float32 matrix-vector products of an expert's and the LM
 head's shapes, one call at a time (dispatch included) and streamed over a stack of weights
 larger than the caches; and the routed-expert part of a decode step alone in three formulations
-(the old gather + einsum, the current dynamic slices, per-expert buffers + lax.switch).
+(gather + einsum and dynamic slices, both from stacked [E, I, D] arrays, which jaxmoe used
+before, and jaxmoe's lax.switch over per-expert buffers).
 Writes bench/results/decode_cpu.json and prints a table.
-
-    python bench/decode_cpu.py --jaxmoe-experts gather_einsum --skip-micro \
-        --out bench/results/decode_cpu_before.json     # jaxmoe with its previous decode expert path
 """
 
 from __future__ import annotations
@@ -56,11 +57,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "results" / "decode_cpu.json"
 TORCH_THREADS = 2
-RANDOM = dict(vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+RANDOM = dict(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
               num_attention_heads=8, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
               max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
               bos_token_id=1, eos_token_id=2, pad_token_id=0)
 RANDOM_SEED = 0
+RANDOM_MODELS = {"random": RANDOM, "random-v32k": {**RANDOM, "vocab_size": 32000}}
+MODELS = ("demo", *RANDOM_MODELS)
 
 
 # ------------------------------------------------------------------------------------ machine
@@ -225,8 +228,8 @@ def matvec_bench(d: int, i: int, v: int, torch_threads: list[int], stack_bytes: 
     return out
 
 
-def _experts_gather_einsum(x, weights, ids, gate, up, down, act="silu"):
-    """The decode expert path jaxmoe had before: gather [N, k, I, D] then einsums."""
+def _experts_gather_einsum(x, weights, ids, gate, up, down):
+    """Decode experts from stacked [E, I, D] arrays by gathering [N, k, I, D], then einsums."""
     import jax
     import jax.numpy as jnp
 
@@ -236,77 +239,76 @@ def _experts_gather_einsum(x, weights, ids, gate, up, down, act="silu"):
     return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(x.dtype)
 
 
+def _experts_dynamic_slice(x, weights, ids, gate, up, down):
+    """Decode experts from stacked [E, I, D] arrays, each (token, expert) pair's matrices taken with
+    a dynamic slice (which XLA on CPU copies before each dot)."""
+    import jax
+    import jax.numpy as jnp
+
+    rows = []
+    for t in range(ids.shape[0]):
+        acc = jnp.zeros(x.shape[-1:], jnp.float32)
+        for j in range(ids.shape[1]):
+            g, u, d = (jax.lax.dynamic_index_in_dim(w, ids[t, j], keepdims=False) for w in (gate, up, down))
+            acc = acc + weights[t, j] * ((jax.nn.silu(g @ x[t]) * (u @ x[t])) @ d)
+        rows.append(acc)
+    return jnp.stack(rows).astype(x.dtype)
+
+
 def expert_path_bench(layers: int, e: int, i: int, d: int, k: int, repeats: int = 15) -> dict:
     """The routed-expert part of one decode step alone (random weights of the model's shapes,
-    router-dependent expert choice, layers chained), per formulation: the old gather + einsum,
-    the current jaxmoe.models.moe.experts_gathered (dynamic slices, which XLA on CPU copies
-    before each dot), and every expert in its own buffers picked with lax.switch (no slice, no
-    copy; needs per-expert parameters in the model). Median ms per step and GB/s of the
-    selected experts' bytes."""
+    router-dependent expert choice, layers chained), per formulation: gather + einsum and dynamic
+    slices from stacked [E, I, D] arrays (jaxmoe's earlier layouts), and
+    jaxmoe.models.moe.experts_selected (lax.switch over per-expert buffers, no copy). Median ms
+    per step and GB/s of the selected experts' bytes."""
     import jax
     import jax.numpy as jnp
 
     from jaxmoe.models import moe
 
     rng = np.random.default_rng(0)
-    stacks = [tuple(jnp.asarray(rng.standard_normal((e, i, d), dtype=np.float32) * 0.03) for _ in range(3))
-              for _ in range(layers)]
+    separate = [[tuple(jnp.asarray(rng.standard_normal((i, d), dtype=np.float32) * 0.03) for _ in range(3))
+                 for _ in range(e)] for _ in range(layers)]
+    stacks = [tuple(jnp.stack(m) for m in zip(*experts)) for experts in separate]
     routers = [jnp.asarray(rng.standard_normal((d, e), dtype=np.float32)) for _ in range(layers)]
     x0 = jnp.asarray(rng.standard_normal((1, d), dtype=np.float32))
 
     def chain(fn):
         @jax.jit
-        def step(x, stacks, routers):
-            for (g, u, dn), r in zip(stacks, routers):
+        def step(x, experts, routers):
+            for layer_experts, r in zip(experts, routers):
                 xn = x * jax.lax.rsqrt(jnp.mean(x * x) + 1e-6)
                 w, ids = moe.route(xn @ r, k, True)
-                x = x + fn(xn, w, ids, g, u, dn)
+                x = x + fn(xn, w, ids, layer_experts)
             return x
         return step
 
-    # Each expert in its own buffers, chosen with lax.switch: what per-expert parameters (instead
-    # of one stacked [E, I, D] array per matrix) would allow. No slice, so no copy.
-    separate = [[tuple(w[j] for w in st) for j in range(e)] for st in stacks]
-
-    def switch_experts(xn, w, ids, experts):
-        branches = [lambda v, m=m: (jax.nn.silu(m[0] @ v) * (m[1] @ v)) @ m[2] for m in experts]
-        acc = jnp.zeros((d,), jnp.float32)
-        for j in range(k):
-            acc = acc + w[0, j] * jax.lax.switch(ids[0, j], branches, xn[0])
-        return acc[None]
-
-    @jax.jit
-    def per_expert(x, separate, routers):
-        for experts, r in zip(separate, routers):
-            xn = x * jax.lax.rsqrt(jnp.mean(x * x) + 1e-6)
-            w, ids = moe.route(xn @ r, k, True)
-            x = x + switch_experts(xn, w, ids, experts)
-        return x
-
     selected_gb = layers * k * 3 * i * d * 4 / 1e9
     out = {"shapes": {"layers": layers, "experts": e, "I": i, "D": d, "top_k": k}, "selected_bytes": int(selected_gb * 1e9)}
-    ref = chain(moe.experts_reference)(x0, stacks, routers)
-    for name, f, args in (("gather_einsum (before)", chain(_experts_gather_einsum), (x0, stacks, routers)),
-                          ("dynamic_slice (jaxmoe now)", chain(moe.experts_gathered), (x0, stacks, routers)),
-                          ("per-expert buffers + switch", per_expert, (x0, separate, routers))):
-        y = f(*args).block_until_ready()
-        s = _median_call_s(lambda: f(*args).block_until_ready(), repeats)
+    ref = chain(moe.experts_reference)(x0, separate, routers)
+    for name, fn, experts in (
+            ("gather_einsum (stacked)", lambda x, w, ids, st: _experts_gather_einsum(x, w, ids, *st), stacks),
+            ("dynamic_slice (stacked)", lambda x, w, ids, st: _experts_dynamic_slice(x, w, ids, *st), stacks),
+            ("switch over per-expert buffers (jaxmoe)", moe.experts_selected, separate)):
+        f = chain(fn)
+        y = f(x0, experts, routers).block_until_ready()
+        s_ = _median_call_s(lambda: f(x0, experts, routers).block_until_ready(), repeats)
         err = float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref)))
-        out[name] = {"ms": round(s * 1e3, 2), "GBps": round(selected_gb / s, 2), "max_rel_err_vs_reference": err}
+        out[name] = {"ms": round(s_ * 1e3, 2), "GBps": round(selected_gb / s_, 2), "max_rel_err_vs_reference": err}
     return out
 
 
 # -------------------------------------------------------------------------------------- models
 
 
-def build_random_model(workdir: Path) -> Path:
+def build_random_model(name: str, workdir: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, MixtralConfig
 
-    config = MixtralConfig(**RANDOM, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    config = MixtralConfig(**RANDOM_MODELS[name], rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     torch.manual_seed(RANDOM_SEED)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    out = workdir / "hf-random"
+    out = workdir / f"hf-{name}"
     model.save_pretrained(out, safe_serialization=True)
     return out
 
@@ -525,7 +527,7 @@ def bench_model(name: str, hf_dir: Path, workdir: Path, args) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default=None,
-                   help="comma-separated: random, demo (default: random, plus demo when jaxmoe/demo/model exists)")
+                   help=f"comma-separated, from {', '.join(MODELS)} (default: all; demo only when jaxmoe/demo/model exists)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
@@ -534,8 +536,6 @@ def parse_args(argv=None):
     p.add_argument("--torch-threads", default=f"{TORCH_THREADS},1",
                    help="torch thread counts to time transformers with; the fastest configuration is the baseline")
     p.add_argument("--skip-micro", action="store_true", help="skip the bandwidth and matvec measurements")
-    p.add_argument("--jaxmoe-experts", choices=("current", "gather_einsum"), default="current",
-                   help="gather_einsum: swap in the decode expert path jaxmoe had before (for a before/after record)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     args.hf_experts = [s for s in args.hf_experts.split(",") if s]
@@ -559,20 +559,16 @@ def main(argv=None) -> None:
     from jaxmoe.demo import MODEL_DIR
 
     demo_ready = (MODEL_DIR / "config.json").is_file() and any(MODEL_DIR.glob("*.safetensors"))
-    models = args.models.split(",") if args.models else (["demo"] if demo_ready else []) + ["random"]
+    models = args.models.split(",") if args.models else [m for m in MODELS if m != "demo" or demo_ready]
     for m in models:
-        if m not in ("random", "demo"):
-            sys.exit(f"unknown model {m!r}; choose from random, demo")
+        if m not in MODELS:
+            sys.exit(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
     if "demo" in models and not demo_ready:
         sys.exit(f"--models demo: no trained demo model at {MODEL_DIR} (run `python -m jaxmoe.demo.train`)")
 
     import torch
 
     torch.set_num_threads(TORCH_THREADS)
-    if args.jaxmoe_experts == "gather_einsum":
-        from jaxmoe.models import moe
-
-        moe.experts_gathered = _experts_gather_einsum  # experts_auto looks it up at trace time
     report = {
         "benchmark": "decode_cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -583,7 +579,6 @@ def main(argv=None) -> None:
                      "early_stop": False, "torch_threads": args.torch_threads,
                      "transformers_experts_implementations": args.hf_experts,
                      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                     "jaxmoe_decode_experts": args.jaxmoe_experts,
                      "timing": "decode steps only: N-1 steps from the first new token (after prefill) to the last"},
         "load_average_start": load_average(),
         "models": {},
@@ -591,7 +586,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="decode_cpu-") as tmp:
         workdir = Path(tmp)
         for name in models:
-            hf_dir = MODEL_DIR if name == "demo" else build_random_model(workdir)
+            hf_dir = MODEL_DIR if name == "demo" else build_random_model(name, workdir)
             report["models"][name] = bench_model(name, hf_dir, workdir, args)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(report, indent=1) + "\n")
@@ -601,7 +596,7 @@ def main(argv=None) -> None:
         report["memory_bandwidth"] = memory_bandwidth({"1GiB (beyond L3)": 1 << 30,
                                                        "decode-step weights size": max(step_gb, 1 << 20)})
         print("matvec ...", flush=True)
-        c = report["models"].get("random", next(iter(report["models"].values())))["config"]
+        c = report["models"].get("random-v32k", next(iter(report["models"].values())))["config"]
         report["matvec_f32"] = {
             "shapes": {"D": c["hidden_size"], "I": c["moe_intermediate_size"], "V": c["vocab_size"]},
             "results": matvec_bench(c["hidden_size"], c["moe_intermediate_size"], c["vocab_size"], args.torch_threads),
@@ -616,10 +611,10 @@ def main(argv=None) -> None:
 
 
 def print_table(report: dict) -> None:
-    print(f"\n{'model':8} {'params':>8} {'MB/step':>8} {'jaxmoe tok/s':>13} {'hf tok/s':>9} {'ratio':>6} "
+    print(f"\n{'model':11} {'params':>8} {'MB/step':>8} {'jaxmoe tok/s':>13} {'hf tok/s':>9} {'ratio':>6} "
           f"{'jm GB/s':>8} {'hf GB/s':>8} {'compile':>8} {'match':>6}")
     for name, m in report["models"].items():
-        print(f"{name:8} {m['param_count'] / 1e6:7.1f}M {m['bytes_per_decode_step']['weights'] / 1e6:8.1f} "
+        print(f"{name:11} {m['param_count'] / 1e6:7.1f}M {m['bytes_per_decode_step']['weights'] / 1e6:8.1f} "
               f"{m['jaxmoe_tok_s']:13.1f} {m['transformers_tok_s']:9.1f} {m['ratio']:5.2f}x "
               f"{m['jaxmoe_weights_GBps']:8.2f} {m['transformers_weights_GBps']:8.2f} {m['compile_s']:7.1f}s "
               f"{str(m['tokens_match']):>6}")

@@ -50,11 +50,6 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     for keys, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state)):
         path = ".".join(str(getattr(k, "key", k)) for k in keys)
         shapes[path] = tuple(leaf.shape)
-    for layer in config.moe_layer_ids:
-        for name in ("gate", "up", "down"):
-            per_expert = shapes.pop(f"layers.{layer}.mlp.{name}")[1:]
-            for e in range(config.num_experts):
-                shapes[f"layers.{layer}.mlp.experts.{e}.{name}"] = per_expert
     return shapes
 
 

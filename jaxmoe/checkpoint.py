@@ -115,30 +115,22 @@ def load_params(
     model_dir: str | Path,
     config: ModelConfig | None = None,
     place: Callable[[np.ndarray], Any] | None = None,
-    place_experts: Callable[[np.ndarray], Any] | None = None,
     experts: bool = True,
 ) -> dict:
     """Read every unit into the model's pure-dict parameter tree.
 
-    Routed experts are stacked per layer into [E, I, D]. `place` puts a non-expert array where it
-    belongs (default: the default device); `place_experts` does the same for stacked experts, so
-    the offload runtime can keep them in host memory. `experts=False` skips routed experts.
+    Each routed expert keeps its own arrays (`layers.{l}.mlp.experts.{e}.gate`, see
+    jaxmoe.models.moe). `place` puts each array where it belongs (default: the default device).
+    `experts=False` skips routed experts.
     """
     import jax
 
     manifest = read_manifest(model_dir)
     config = config or ModelConfig.from_json(manifest["config"])
     place = place or jax.device_put
-    place_experts = place_experts or place
     flat: dict[str, Any] = {}
     for unit in manifest["units"]:
-        if ".experts." in unit:
+        if ".experts." in unit and not experts:
             continue
         flat.update({k: place(v) for k, v in read_unit(model_dir, unit).items()})
-    for layer in config.moe_layer_ids if experts else ():
-        units = [read_unit(model_dir, expert_unit(layer, e)) for e in range(config.num_experts)]
-        for name in ("gate", "up", "down"):
-            stacked = np.stack([ex[f"layers.{layer}.mlp.experts.{e}.{name}"] for e, ex in enumerate(units)])
-            flat[f"layers.{layer}.mlp.{name}"] = place_experts(stacked)
-        del units
     return _nest(flat)

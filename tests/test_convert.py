@@ -144,8 +144,8 @@ def test_round_trip_every_tensor(family, hf_checkpoints, converted):
         assert (model_dir / name).read_bytes() == (hf_dir / name).read_bytes()
 
 
-def test_load_params_stacks_experts(hf_checkpoints, converted):
-    """load_params gives [E, I, D] per layer: gate/up = w1/w3, down = w2^T, experts in order."""
+def test_load_params_keeps_experts_apart(hf_checkpoints, converted):
+    """load_params gives each expert its own [I, D] arrays: gate/up = w1/w3, down = w2^T."""
     _, hf_dir = hf_checkpoints["mixtral"]
     src = source_tensors(hf_dir)
     config = ckpt.load_config(converted["mixtral"])
@@ -153,11 +153,13 @@ def test_load_params_stacks_experts(hf_checkpoints, converted):
     E, I, D = config.num_experts, config.moe_intermediate_size, config.hidden_size
     for layer in range(config.num_layers):
         mlp = params["layers"][layer]["mlp"]
-        for ours, theirs, t in (("gate", "w1", False), ("up", "w3", False), ("down", "w2", True)):
-            stacked = np.asarray(mlp[ours])
-            assert stacked.shape == (E, I, D)
-            ref = [src[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{theirs}.weight"] for e in range(E)]
-            np.testing.assert_array_equal(stacked, np.stack([r.T if t else r for r in ref]))
+        assert sorted(mlp["experts"]) == list(range(E))
+        for e in range(E):
+            for ours, theirs, t in (("gate", "w1", False), ("up", "w3", False), ("down", "w2", True)):
+                ref = src[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{theirs}.weight"]
+                got = np.asarray(mlp["experts"][e][ours])
+                assert got.shape == (I, D)
+                np.testing.assert_array_equal(got, ref.T if t else ref)
         np.testing.assert_array_equal(mlp["router"]["kernel"], src[f"model.layers.{layer}.block_sparse_moe.gate.weight"].T)
     np.testing.assert_array_equal(params["embed"]["embedding"], src["model.embed_tokens.weight"])
     np.testing.assert_array_equal(params["lm_head"]["kernel"], src["lm_head.weight"].T)

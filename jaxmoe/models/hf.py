@@ -2,8 +2,8 @@
 
 A family module supplies `config_from_hf(hf_config, dtype)` and a tensor map: a list of
 `TensorSpec(ours, theirs, transpose)` with `{layer}`/`{expert}` already filled in. `ours` is a
-dotted path in the checkpoint jaxmoe writes (routed experts as `layers.{l}.mlp.experts.{e}.gate`
-with shape [I, D]; the model stacks them to [E, I, D] on load); `theirs` is the tensor name in the
+dotted path in the checkpoint jaxmoe writes, the model's own parameter path (routed experts as
+`layers.{l}.mlp.experts.{e}.gate` with shape [I, D]); `theirs` is the tensor name in the
 safetensors files. Linear kernels are stored [in, out] by Flax and [out, in] by PyTorch, hence
 `transpose`.
 """

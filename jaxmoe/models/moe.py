@@ -2,22 +2,32 @@
 
 Dimension letters: N tokens, D hidden, E experts, I expert intermediate, k experts per token.
 
-Expert weights are stored intermediate-major, `gate`, `up`, `down`: [E, I, D] each, so that the
-first r*I rows of all three are one expert's *top segment* (MoEpic's vertical split) and any
-segment of an expert is a contiguous row range. An expert computes
+Routed experts are a sequence of E triples `(gate, up, down)`, each matrix [I, D] in its own
+buffer, stored intermediate-major so that the first r*I rows of all three are one expert's *top
+segment* (MoEpic's vertical split) and any segment of an expert is a contiguous row range. An
+expert computes
     down^T (act(gate x) * (up x)),
 which is a sum over the intermediate rows, so top(x) + bottom(x) equals the whole expert exactly.
 
-`experts_reference` (a naive loop over experts) is the definition; `experts_gathered` (few tokens:
-decode) and `experts_grouped` (many tokens: prefill) are the fast paths and must match it.
+One buffer per expert, not one stacked [E, I, D] array, because decode must read a traced
+selection of experts without copying them: XLA on CPU materialises a dynamic slice of a stacked
+array before each dot (a full extra pass over every selected expert, 40% of a decode step on the
+bench model), while `lax.switch` over separate buffers hands the chosen buffer to the dot as is.
+
+`experts_reference` (a naive loop over experts) is the definition; `experts_selected` (few
+tokens: decode) and `experts_grouped` (many tokens: prefill) are the fast paths and must match it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
+
+Experts = Sequence[tuple[jax.Array, jax.Array, jax.Array]]  # E x (gate, up, down), each [I, D]
 
 
 def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
@@ -39,53 +49,50 @@ def expert_ffn(x, gate, up, down, act="silu"):
     return h @ down
 
 
-def experts_reference(x, weights, ids, gate, up, down, act="silu"):
+def experts_reference(x, weights, ids, experts: Experts, act="silu"):
     """Naive loop over every expert: the definition the fast paths are tested against."""
     out = jnp.zeros(x.shape, jnp.float32)
-    for e in range(gate.shape[0]):
+    for e, (gate, up, down) in enumerate(experts):
         w = jnp.sum(jnp.where(ids == e, weights, 0.0), axis=-1)  # [N]
-        out = out + w[:, None] * expert_ffn(x, gate[e], up[e], down[e], act).astype(jnp.float32)
+        out = out + w[:, None] * expert_ffn(x, gate, up, down, act).astype(jnp.float32)
     return out.astype(x.dtype)
 
 
-# Up to this many (token, expert) pairs are unrolled in experts_gathered; more run in a scan.
-GATHER_UNROLL_PAIRS = 16
+# Up to this many (token, expert) pairs are unrolled in experts_selected; more run in a scan.
+SELECT_UNROLL_PAIRS = 16
 
 
-def _selected_expert(xt, e, gate, up, down, act):
-    """One token xt [D] through expert e (a traced index) read in place of the stacked [E, I, D]
-    weights by a dynamic slice of each matrix in its stored layout -> [D] float32."""
-    g, u, d = (jax.lax.dynamic_index_in_dim(w, e, axis=0, keepdims=False) for w in (gate, up, down))
-    h = ACTIVATIONS[act](g @ xt) * (u @ xt)  # [I]
-    return (h @ d).astype(jnp.float32)
+def experts_selected(x, weights, ids, experts: Experts, act="silu"):
+    """Few tokens: read only the selected experts, one (token, expert) pair at a time.
 
-
-def experts_gathered(x, weights, ids, gate, up, down, act="silu"):
-    """Few tokens: read only the selected experts' weights, one (token, expert) pair at a time.
-
-    Each pair takes its expert's three [I, D] matrices with `dynamic_index_in_dim` and runs
-    matrix-vector products on them as stored. Gathering `gate[ids]` ([N, k, I, D]) instead makes
-    XLA on CPU fuse the gather with a transpose into the layout its einsum wants, a strided copy
-    that cost ~9x the products themselves at decode (bench/decode_cpu.py; the dynamic slices
-    here are plain contiguous copies at worst).
+    Each pair is a `lax.switch` on its expert id over one branch per expert, so only the chosen
+    expert's three buffers are read, as stored (matrix-vector products, no gather or copy).
     """
     n, k = ids.shape
-    if n * k <= GATHER_UNROLL_PAIRS:
+
+    def branch(gate, up, down):
+        return lambda xt: (ACTIVATIONS[act](gate @ xt) * (up @ xt)) @ down  # [D]
+
+    branches = [branch(*weights_e) for weights_e in experts]
+
+    def pair(xt, e):
+        return jax.lax.switch(e, branches, xt).astype(jnp.float32)
+
+    if n * k <= SELECT_UNROLL_PAIRS:
         rows = []
         for t in range(n):
             acc = jnp.zeros(x.shape[-1:], jnp.float32)
             for j in range(k):
-                acc = acc + weights[t, j] * _selected_expert(x[t], ids[t, j], gate, up, down, act)
+                acc = acc + weights[t, j] * pair(x[t], ids[t, j])
             rows.append(acc)
         return jnp.stack(rows).astype(x.dtype)
 
-    def pair(out, p):
+    def step(out, p):
         t, e, w = p
-        y = _selected_expert(jax.lax.dynamic_index_in_dim(x, t, keepdims=False), e, gate, up, down, act)
-        return out.at[t].add(w * y), None
+        return out.at[t].add(w * pair(jax.lax.dynamic_index_in_dim(x, t, keepdims=False), e)), None
 
     tokens = jnp.repeat(jnp.arange(n, dtype=jnp.int32), k)
-    out, _ = jax.lax.scan(pair, jnp.zeros((n, x.shape[-1]), jnp.float32),
+    out, _ = jax.lax.scan(step, jnp.zeros((n, x.shape[-1]), jnp.float32),
                           (tokens, ids.reshape(-1), weights.reshape(-1).astype(jnp.float32)))
     return out.astype(x.dtype)
 
@@ -95,15 +102,16 @@ _CONTRACT_D = jax.lax.RaggedDotDimensionNumbers(
 )
 
 
-def experts_grouped(x, weights, ids, gate, up, down, act="silu"):
-    """Many tokens: sort (token, expert) pairs by expert and run grouped matmuls (ragged dot)."""
+def experts_grouped(x, weights, ids, experts: Experts, act="silu"):
+    """Many tokens: sort (token, expert) pairs by expert and run grouped matmuls (ragged dot)
+    over the experts stacked for the call (a copy, small next to the matmuls at prefill sizes)."""
     n, k = ids.shape
-    num_experts = gate.shape[0]
+    gate, up, down = (jnp.stack(m) for m in zip(*experts))  # [E, I, D] each
     flat_ids = ids.reshape(-1)  # [N*k]
     order = jnp.argsort(flat_ids, stable=True)
     token_of = order // k
     xs = x[token_of]  # [N*k, D]
-    group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
+    group_sizes = jnp.bincount(flat_ids, length=len(experts)).astype(jnp.int32)
     hg = jax.lax.ragged_dot_general(xs, gate, group_sizes, _CONTRACT_D)
     hu = jax.lax.ragged_dot_general(xs, up, group_sizes, _CONTRACT_D)
     ys = jax.lax.ragged_dot(ACTIVATIONS[act](hg) * hu, down, group_sizes)  # [N*k, D]
@@ -112,11 +120,11 @@ def experts_grouped(x, weights, ids, gate, up, down, act="silu"):
     return out.astype(x.dtype)
 
 
-def experts_auto(x, weights, ids, gate, up, down, act="silu"):
+def experts_auto(x, weights, ids, experts: Experts, act="silu"):
     """Pick the path by the (static) number of token-expert pairs against the expert count."""
-    if ids.size < gate.shape[0]:
-        return experts_gathered(x, weights, ids, gate, up, down, act)
-    return experts_grouped(x, weights, ids, gate, up, down, act)
+    if ids.size < len(experts):
+        return experts_selected(x, weights, ids, experts, act)
+    return experts_grouped(x, weights, ids, experts, act)
 
 
 def experts_segments(x, coef, segments, act="silu"):

@@ -129,16 +129,26 @@ class DenseMLP(nnx.Module):
         return self.down(moe_ops.ACTIVATIONS[self.act](self.gate(x)) * self.up(x))
 
 
+class Expert(nnx.Module):
+    """One routed expert: gate, up and down [I, D] each (see jaxmoe.models.moe for the layout)."""
+
+    def __init__(self, d: int, i: int, dtype):
+        self.gate = nnx.Param(jnp.zeros((i, d), dtype))
+        self.up = nnx.Param(jnp.zeros((i, d), dtype))
+        self.down = nnx.Param(jnp.zeros((i, d), dtype))
+
+    def weights(self):
+        return self.gate[...], self.up[...], self.down[...]
+
+
 class MoEBlock(nnx.Module):
-    """Router, routed experts ([E, I, D] each, see jaxmoe.models.moe) and an optional shared expert."""
+    """Router, routed experts (one `Expert` each) and an optional shared expert."""
 
     def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
         dt, d, e, i = c.jnp_dtype, c.hidden_size, c.num_experts, c.moe_intermediate_size
         self.c = c
         self.router = _linear(d, e, False, dt, rngs)
-        self.gate = nnx.Param(jnp.zeros((e, i, d), dt))
-        self.up = nnx.Param(jnp.zeros((e, i, d), dt))
-        self.down = nnx.Param(jnp.zeros((e, i, d), dt))
+        self.experts = nnx.List([Expert(d, i, dt) for _ in range(e)])
         if c.shared_expert_intermediate_size:
             self.shared = DenseMLP(d, c.shared_expert_intermediate_size, c.hidden_act, dt, rngs)
             self.shared_gate = _linear(d, 1, False, dt, rngs)
@@ -153,7 +163,7 @@ class MoEBlock(nnx.Module):
         flat = x.reshape(b * t, d)
         weights, ids = self.routing(flat)
         fn = experts_fn or moe_ops.experts_auto
-        y = fn(flat, weights, ids, self.gate[...], self.up[...], self.down[...], self.c.hidden_act)
+        y = fn(flat, weights, ids, [expert.weights() for expert in self.experts], self.c.hidden_act)
         if self.c.shared_expert_intermediate_size:
             y = y + jax.nn.sigmoid(self.shared_gate(flat)) * self.shared(flat)
         return y.reshape(b, t, d), (weights, ids)

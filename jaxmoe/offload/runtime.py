@@ -178,9 +178,10 @@ class OffloadEngine(Engine):
         if plan.policy in policies.ORACLE:
             raise ValueError(f"policy {plan.policy!r} needs the future; it exists only in the simulator")
         params = ckpt.load_params(model_dir, config, experts=False)
+        empty = jnp.zeros((0, config.hidden_size), config.jnp_dtype)
         for layer in config.moe_layer_ids:  # routed experts stay on the host; placeholders keep the tree
-            empty = jnp.zeros((0, config.moe_intermediate_size, config.hidden_size), config.jnp_dtype)
-            params["layers"][layer]["mlp"].update(gate=empty, up=empty, down=empty)
+            params["layers"][layer]["mlp"]["experts"] = {
+                e: {"gate": empty, "up": empty, "down": empty} for e in range(config.num_experts)}
         super().__init__(config, params, tokenizer, model_dir)
         if store is not None and not store.fits(plan):
             raise ValueError("the given host expert store was split for another plan")
