@@ -23,12 +23,14 @@ from jaxmoe.models import moe as moe_ops
 
 @struct.dataclass
 class KVCache:
-    k: tuple[jax.Array, ...]  # per layer [B, S, K, Hd]
+    # Per layer [B, K, S, Hd]: the layout attention reads, so a decode step streams each head's
+    # keys and values once, in place; [B, S, K, Hd] made XLA transpose the whole cache every step.
+    k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
 
     @classmethod
     def zeros(cls, config: ModelConfig, batch: int, length: int, sharding=None) -> KVCache:
-        shape = (batch, length, config.num_kv_heads, config.head_dim)
+        shape = (batch, config.num_kv_heads, length, config.head_dim)
 
         def z():
             return jnp.zeros(shape, config.jnp_dtype, device=sharding)
@@ -37,7 +39,7 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k + self.v)
@@ -85,7 +87,7 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(c.num_kv_heads * c.head_dim, c.rms_norm_eps, dt)
 
     def __call__(self, x, start, k_cache, v_cache):
-        """x [B, T, D]; caches [B, S, K, Hd]; start: position of x[:, 0]. Returns (y, k_cache, v_cache)."""
+        """x [B, T, D]; caches [B, K, S, Hd]; start: position of x[:, 0]. Returns (y, k_cache, v_cache)."""
         c = self.c
         b, t, _ = x.shape
         q, k, v = self.q(x), self.k(x), self.v(x)
@@ -101,20 +103,20 @@ class Attention(nnx.Module):
         positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
         q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
 
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, start, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, start, 0, 0))
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, start, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, start, 0))
 
         groups = c.num_heads // c.num_kv_heads
-        qg = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
-        scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_cache).astype(jnp.float32) * c.head_dim**-0.5
+        qg = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Hd]
+        scores = jnp.einsum("bkgth,bksh->bkgts", qg, k_cache).astype(jnp.float32) * c.head_dim**-0.5
         q_pos = start + jnp.arange(t)[:, None]  # [T, 1]
-        k_pos = jnp.arange(k_cache.shape[1])[None, :]  # [1, S]
+        k_pos = jnp.arange(k_cache.shape[2])[None, :]  # [1, S]
         visible = k_pos <= q_pos
         if c.sliding_window:
             visible &= q_pos - k_pos < c.sliding_window
         scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        y = jnp.einsum("bkgts,bskh->btkgh", probs, v_cache).reshape(b, t, c.num_heads * c.head_dim)
+        y = jnp.einsum("bkgts,bksh->btkgh", probs, v_cache).reshape(b, t, c.num_heads * c.head_dim)
         return self.o(y), k_cache, v_cache
 
 
