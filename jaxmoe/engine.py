@@ -79,6 +79,18 @@ class GenerationResult:
         return out
 
 
+def _on_leaves(fn):
+    """fn(graphdef, state, ...) as fn(graphdef, treedef, leaves, ...): a step call then passes a
+    flat list of arrays instead of flattening the nested parameter State every time (~0.1 ms a
+    step on the demo model, a sixth of it)."""
+
+    def on_leaves(graphdef, treedef, leaves, *args, **kwargs):
+        return fn(graphdef, jax.tree.unflatten(treedef, leaves), *args, **kwargs)
+
+    on_leaves.__name__ = fn.__name__  # names the compiled step in profiles and compile logs
+    return on_leaves
+
+
 def _prefill(graphdef, state, tokens, length, cache):
     model = nnx.merge(graphdef, state)
     hidden, cache, _ = model(tokens, 0, cache)
@@ -112,9 +124,11 @@ class Engine:
         self.graphdef, state = nnx.split(abstract_model(config))
         nnx.replace_by_pure_dict(state, params)
         self.state = state
+        self._state_leaves, self._state_treedef = jax.tree.flatten(state)
         self._compiled: dict[tuple, Any] = {}
-        self._jit_prefill = jax.jit(_prefill, static_argnums=0, donate_argnums=4)
-        self._jit_decode = jax.jit(_decode, static_argnums=0, static_argnames="greedy_only", donate_argnums=4)
+        self._jit_prefill = jax.jit(_on_leaves(_prefill), static_argnums=(0, 1), donate_argnums=5)
+        self._jit_decode = jax.jit(_on_leaves(_decode), static_argnums=(0, 1), static_argnames="greedy_only",
+                                   donate_argnums=5)
         self._jit_forward = jax.jit(_forward, static_argnums=0, static_argnames="predict_next")
 
     @classmethod
@@ -127,9 +141,10 @@ class Engine:
     # -- compiled functions ------------------------------------------------------------------------
 
     def _compiled_fn(self, key: tuple, jitted, *args, **static) -> Callable:
-        """Compile once per key; the result takes the arguments after the graph definition."""
+        """Compile once per key; the result takes the parameter leaves and then `args`."""
         if key not in self._compiled:
-            self._compiled[key] = jitted.lower(self.graphdef, self.state, *args, **static).compile()
+            self._compiled[key] = jitted.lower(self.graphdef, self._state_treedef, self._state_leaves,
+                                               *args, **static).compile()
         return self._compiled[key]
 
     def _step_functions(self, bucket, cache_len, greedy_only, tokens, length, cache, key, sampling):
@@ -143,8 +158,8 @@ class Engine:
             ("decode", cache_len, greedy_only), self._jit_decode,
             jnp.zeros((1,), jnp.int32), jnp.int32(0), cache, key, sampling, greedy_only=greedy_only,
         )
-        state = self.state
-        return (lambda *a: prefill(state, *a)), (lambda *a: decode(state, *a))
+        leaves = self._state_leaves
+        return (lambda *a: prefill(leaves, *a)), (lambda *a: decode(leaves, *a))
 
     def _begin_request(self) -> None:
         """Hook for engines that keep per-request state."""
