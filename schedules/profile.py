@@ -109,7 +109,7 @@ def measure_compute(config, kv_length: int = 1024, ratios=SPLIT_RATIOS, repeats:
     from flax import nnx
 
     from jaxmoe.models import moe as moe_ops
-    from jaxmoe.models.transformer import Attention, DenseMLP
+    from jaxmoe.models.transformer import Attention, DenseMLP, KVCache
     from jaxmoe.offload.plan import model_identity
 
     c = config.replace(sliding_window=None)
@@ -118,7 +118,7 @@ def measure_compute(config, kv_length: int = 1024, ratios=SPLIT_RATIOS, repeats:
     x = jax.random.normal(key, (1, 1, d), dt)
     attn = Attention(c, nnx.Rngs(0))
     graphdef, state = nnx.split(attn)
-    kc = jnp.zeros((1, kv_length, c.num_kv_heads, c.head_dim), dt)
+    kc = jnp.zeros(KVCache.layer_shape(c, 1, kv_length), dt)
     attention = jax.jit(lambda s, x, k, v: nnx.merge(graphdef, s)(x, kv_length - 1, k, v)[0])
     router_w = (jax.random.normal(key, (d, e), jnp.float32) * 0.02).astype(dt)
     router = jax.jit(lambda x, w: moe_ops.route(x[0] @ w, c.top_k, c.norm_topk_prob))
