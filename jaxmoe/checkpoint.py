@@ -119,18 +119,26 @@ def load_params(
 ) -> dict:
     """Read every unit into the model's pure-dict parameter tree.
 
-    Each routed expert keeps its own arrays (`layers.{l}.mlp.experts.{e}.gate`, see
-    jaxmoe.models.moe). `place` puts each array where it belongs (default: the default device).
-    `experts=False` skips routed experts.
+    Each routed expert keeps its own arrays, translated from the checkpoint's gate/up/down by
+    `Expert.from_checkpoint`. `place` puts each array where it belongs (default: the default
+    device). `experts=False` skips routed experts.
     """
     import jax
+
+    from jaxmoe.models.transformer import Expert
 
     manifest = read_manifest(model_dir)
     config = config or ModelConfig.from_json(manifest["config"])
     place = place or jax.device_put
     flat: dict[str, Any] = {}
     for unit in manifest["units"]:
-        if ".experts." in unit and not experts:
-            continue
-        flat.update({k: place(v) for k, v in read_unit(model_dir, unit).items()})
+        tensors = read_unit(model_dir, unit)
+        match = re.fullmatch(r"layers\.(\d+)\.experts\.(\d+)", unit)
+        if match:
+            if not experts:
+                continue
+            prefix = f"layers.{match[1]}.mlp.experts.{match[2]}."
+            tensors = {prefix + k: v for k, v in Expert.from_checkpoint(
+                *(tensors[prefix + name] for name in Expert.CHECKPOINT_TENSORS)).items()}
+        flat.update({k: place(v) for k, v in tensors.items()})
     return _nest(flat)

@@ -2,9 +2,9 @@
 
 A family module supplies `config_from_hf(hf_config, dtype)` and a tensor map: a list of
 `TensorSpec(ours, theirs, transpose)` with `{layer}`/`{expert}` already filled in. `ours` is a
-dotted path in the checkpoint jaxmoe writes, the model's own parameter path (routed experts as
-`layers.{l}.mlp.experts.{e}.gate` with shape [I, D]); `theirs` is the tensor name in the
-safetensors files. Linear kernels are stored [in, out] by Flax and [out, in] by PyTorch, hence
+dotted path in the checkpoint jaxmoe writes: the model's own parameter path, except that routed
+experts are stored as `layers.{l}.mlp.experts.{e}.gate`, `.up` and `.down`, each [I, D] (see
+`transformer.Expert`); `theirs` is the tensor name in the safetensors files. Linear kernels are stored [in, out] by Flax and [out, in] by PyTorch, hence
 `transpose`.
 """
 

@@ -2,17 +2,19 @@
 
 Dimension letters: N tokens, D hidden, E experts, I expert intermediate, k experts per token.
 
-Routed experts are a sequence of E triples `(gate, up, down)`, each matrix [I, D] in its own
-buffer, stored intermediate-major so that the first r*I rows of all three are one expert's *top
-segment* (MoEpic's vertical split) and any segment of an expert is a contiguous row range. An
-expert computes
+An expert's weights are gate, up and down, each [I, D], intermediate-major, so that the first r*I
+rows of all three are one expert's *top segment* (MoEpic's vertical split) and any segment is a
+contiguous row range. An expert computes
     down^T (act(gate x) * (up x)),
 which is a sum over the intermediate rows, so top(x) + bottom(x) equals the whole expert exactly.
 
-One buffer per expert, not one stacked [E, I, D] array, because decode must read a traced
-selection of experts without copying them: XLA on CPU materialises a dynamic slice of a stacked
-array before each dot (a full extra pass over every selected expert, 40% of a decode step on the
-bench model), while `lax.switch` over separate buffers hands the chosen buffer to the dot as is.
+The resident model holds routed experts as a sequence of E pairs `(gate_up, down)`: gate and up
+stacked into one [2I, D] matrix (one product instead of two; XLA on CPU also spreads a product
+over several cores only above a few MB, which two [I, D] halves of a small model miss), each
+expert in its own buffers. Not one stacked [E, ...] array, because decode reads a traced
+selection of experts: XLA on CPU materialises a dynamic slice of a stacked array before each dot
+(a full extra pass over every selected expert, 40% of a decode step on the bench model), while
+`lax.switch` over separate buffers hands the chosen buffer to the dot as is.
 
 `experts_reference` (a naive loop over experts) is the definition; `experts_selected` (few
 tokens: decode) and `experts_grouped` (many tokens: prefill) are the fast paths and must match it.
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
 
-Experts = Sequence[tuple[jax.Array, jax.Array, jax.Array]]  # E x (gate, up, down), each [I, D]
+Experts = Sequence[tuple[jax.Array, jax.Array]]  # E x (gate_up [2I, D], down [I, D])
 
 
 def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
@@ -43,18 +45,23 @@ def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[j
     return weights, ids.astype(jnp.int32)
 
 
-def expert_ffn(x, gate, up, down, act="silu"):
-    """One expert (or one segment of it) on tokens x [N, D]; gate/up/down [I, D] -> [N, D]."""
-    h = ACTIVATIONS[act](x @ gate.T) * (x @ up.T)  # [N, I]
-    return h @ down
+def expert_ffn(x, gate_up, down, act="silu"):
+    """One expert on tokens x [N, D]; gate_up [2I, D], down [I, D] -> [N, D]."""
+    return gated(x @ gate_up.T, act) @ down
+
+
+def gated(h, act):
+    """[..., 2I] gate and up pre-activations -> act(gate) * up [..., I]."""
+    i = h.shape[-1] // 2
+    return ACTIVATIONS[act](h[..., :i]) * h[..., i:]
 
 
 def experts_reference(x, weights, ids, experts: Experts, act="silu"):
     """Naive loop over every expert: the definition the fast paths are tested against."""
     out = jnp.zeros(x.shape, jnp.float32)
-    for e, (gate, up, down) in enumerate(experts):
+    for e, (gate_up, down) in enumerate(experts):
         w = jnp.sum(jnp.where(ids == e, weights, 0.0), axis=-1)  # [N]
-        out = out + w[:, None] * expert_ffn(x, gate, up, down, act).astype(jnp.float32)
+        out = out + w[:, None] * expert_ffn(x, gate_up, down, act).astype(jnp.float32)
     return out.astype(x.dtype)
 
 
@@ -66,12 +73,12 @@ def experts_selected(x, weights, ids, experts: Experts, act="silu"):
     """Few tokens: read only the selected experts, one (token, expert) pair at a time.
 
     Each pair is a `lax.switch` on its expert id over one branch per expert, so only the chosen
-    expert's three buffers are read, as stored (matrix-vector products, no gather or copy).
+    expert's buffers are read, as stored (matrix-vector products, no gather or copy).
     """
     n, k = ids.shape
 
-    def branch(gate, up, down):
-        return lambda xt: (ACTIVATIONS[act](gate @ xt) * (up @ xt)) @ down  # [D]
+    def branch(gate_up, down):
+        return lambda xt: gated(gate_up @ xt, act) @ down  # [D]
 
     branches = [branch(*weights_e) for weights_e in experts]
 
@@ -106,15 +113,14 @@ def experts_grouped(x, weights, ids, experts: Experts, act="silu"):
     """Many tokens: sort (token, expert) pairs by expert and run grouped matmuls (ragged dot)
     over the experts stacked for the call (a copy, small next to the matmuls at prefill sizes)."""
     n, k = ids.shape
-    gate, up, down = (jnp.stack(m) for m in zip(*experts))  # [E, I, D] each
+    gate_up, down = (jnp.stack(m) for m in zip(*experts))  # [E, 2I, D], [E, I, D]
     flat_ids = ids.reshape(-1)  # [N*k]
     order = jnp.argsort(flat_ids, stable=True)
     token_of = order // k
     xs = x[token_of]  # [N*k, D]
     group_sizes = jnp.bincount(flat_ids, length=len(experts)).astype(jnp.int32)
-    hg = jax.lax.ragged_dot_general(xs, gate, group_sizes, _CONTRACT_D)
-    hu = jax.lax.ragged_dot_general(xs, up, group_sizes, _CONTRACT_D)
-    ys = jax.lax.ragged_dot(ACTIVATIONS[act](hg) * hu, down, group_sizes)  # [N*k, D]
+    h = jax.lax.ragged_dot_general(xs, gate_up, group_sizes, _CONTRACT_D)  # [N*k, 2I]
+    ys = jax.lax.ragged_dot(gated(h, act), down, group_sizes)  # [N*k, D]
     ys = ys.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
     out = jnp.zeros((n, x.shape[-1]), jnp.float32).at[token_of].add(ys)
     return out.astype(x.dtype)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from jaxmoe.config import ModelConfig
@@ -28,9 +29,13 @@ class KVCache:
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
 
+    @staticmethod
+    def layer_shape(config: ModelConfig, batch: int, length: int) -> tuple[int, int, int, int]:
+        return (batch, config.num_kv_heads, length, config.head_dim)
+
     @classmethod
     def zeros(cls, config: ModelConfig, batch: int, length: int, sharding=None) -> KVCache:
-        shape = (batch, config.num_kv_heads, length, config.head_dim)
+        shape = cls.layer_shape(config, batch, length)
 
         def z():
             return jnp.zeros(shape, config.jnp_dtype, device=sharding)
@@ -132,15 +137,29 @@ class DenseMLP(nnx.Module):
 
 
 class Expert(nnx.Module):
-    """One routed expert: gate, up and down [I, D] each (see jaxmoe.models.moe for the layout)."""
+    """One routed expert: gate and up stacked as `gate_up` [2I, D], and `down` [I, D] (see
+    jaxmoe.models.moe). Checkpoints keep gate, up and down apart, the layout segments are cut
+    from; `from_checkpoint` and `checkpoint_shapes` translate, in this one place."""
+
+    CHECKPOINT_TENSORS = ("gate", "up", "down")
 
     def __init__(self, d: int, i: int, dtype):
-        self.gate = nnx.Param(jnp.zeros((i, d), dtype))
-        self.up = nnx.Param(jnp.zeros((i, d), dtype))
+        self.gate_up = nnx.Param(jnp.zeros((2 * i, d), dtype))
         self.down = nnx.Param(jnp.zeros((i, d), dtype))
 
     def weights(self):
-        return self.gate[...], self.up[...], self.down[...]
+        return self.gate_up[...], self.down[...]
+
+    @staticmethod
+    def from_checkpoint(gate, up, down) -> dict:
+        """A checkpoint's three [I, D] arrays (numpy) -> this module's parameters."""
+        return {"gate_up": np.concatenate([gate, up]), "down": down}
+
+    @staticmethod
+    def checkpoint_shapes(params: dict) -> dict:
+        """This module's parameter shapes -> the shapes of the checkpoint's tensors."""
+        two_i, d = params["gate_up"]
+        return {"gate": (two_i // 2, d), "up": (two_i // 2, d), "down": tuple(params["down"])}
 
 
 class MoEBlock(nnx.Module):

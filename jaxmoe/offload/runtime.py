@@ -181,7 +181,7 @@ class OffloadEngine(Engine):
         empty = jnp.zeros((0, config.hidden_size), config.jnp_dtype)
         for layer in config.moe_layer_ids:  # routed experts stay on the host; placeholders keep the tree
             params["layers"][layer]["mlp"]["experts"] = {
-                e: {"gate": empty, "up": empty, "down": empty} for e in range(config.num_experts)}
+                e: {"gate_up": empty, "down": empty} for e in range(config.num_experts)}
         super().__init__(config, params, tokenizer, model_dir)
         if store is not None and not store.fits(plan):
             raise ValueError("the given host expert store was split for another plan")
