@@ -14,15 +14,15 @@ def random_experts(rng, e, i, d):
 
 
 @pytest.mark.parametrize("n,e,k", [(1, 8, 2), (3, 16, 2), (9, 32, 2), (12, 4, 2), (5, 8, 3)])
-def test_fast_paths_match_reference(n, e, k):
+def test_fast_paths_match_definition(n, e, k):
     """experts_selected (unrolled below SELECT_UNROLL_PAIRS pairs, scanned above) and
-    experts_grouped give the loop-over-experts result, for any routing."""
+    experts_grouped give the definition's result (experts_dense), for any routing."""
     rng = np.random.default_rng(n * 100 + e)
     i, d = 24, 16
     experts = random_experts(rng, e, i, d)
     x = jnp.asarray(rng.standard_normal((n, d), dtype=np.float32))
     weights, ids = moe.route(jnp.asarray(rng.standard_normal((n, e), dtype=np.float32)), k, True)
-    ref = moe.experts_reference(x, weights, ids, experts)
+    ref = moe.experts_dense(x, weights, ids, experts)
     assert float(jnp.max(jnp.abs(ref))) > 0.1
     for fn in (moe.experts_selected, moe.experts_grouped, moe.experts_auto):
         got = jax.jit(fn)(x, weights, ids, experts)
