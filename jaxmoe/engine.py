@@ -238,7 +238,7 @@ class Engine:
 
         logits, cache = prefill(tokens, length, cache)
         first = greedy(logits) if greedy_only else sample(logits, jax.random.fold_in(base_key, 0), sampling)
-        out: list[int] = [int(first[0])]
+        out: list[int] = [int(np.asarray(first)[0])]
         t_first, compiled_first = time.perf_counter(), compile_clock()
         all_logits = [np.asarray(logits[0])] if return_logits else None
         eos = set(self.config.eos_token_ids)
@@ -249,7 +249,7 @@ class Engine:
         token, pos, queued = first, n, None
 
         def consume(step) -> bool:
-            out.append(int(step[0][0]))
+            out.append(int(np.asarray(step[0])[0]))  # index on the host: a jax index is one more dispatch
             if return_logits:
                 all_logits.append(np.asarray(step[1][0]))
             printer.push(out)
