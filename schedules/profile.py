@@ -122,12 +122,12 @@ def measure_compute(config, kv_length: int = 1024, ratios=SPLIT_RATIOS, repeats:
     attention = jax.jit(lambda s, x, k, v: nnx.merge(graphdef, s)(x, kv_length - 1, k, v)[0])
     router_w = (jax.random.normal(key, (d, e), jnp.float32) * 0.02).astype(dt)
     router = jax.jit(lambda x, w: moe_ops.route(x[0] @ w, c.top_k, c.norm_topk_prob))
-    coef = jnp.ones((1, 1), jnp.float32)
 
     def segment(rows: int) -> float:
-        w = (jax.random.normal(key, (1, 3, rows, d), jnp.float32) * 0.02).astype(dt)
-        fn = jax.jit(lambda x, w: moe_ops.experts_segments(x[0], coef, w, c.hidden_act))
-        return _time(fn, x, w, repeats=repeats)
+        gate_up = (jax.random.normal(key, (2 * rows, d), jnp.float32) * 0.02).astype(dt)
+        down = (jax.random.normal(key, (rows, d), jnp.float32) * 0.02).astype(dt)
+        fn = jax.jit(lambda x, gate_up, down: moe_ops.expert_ffn(x[0], gate_up, down, c.hidden_act))
+        return _time(fn, x, gate_up, down, repeats=repeats)
 
     out = {
         "model": model_identity(c), "kv_length": kv_length,

@@ -29,14 +29,16 @@ def test_fast_paths_match_definition(n, e, k):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5, err_msg=fn.__name__)
 
 
-def test_segments_add_up_to_the_expert():
+@pytest.mark.parametrize("rows", [1, 10, 24])
+def test_segments_add_up_to_the_expert(rows):
     """Top rows plus bottom rows of gate, up and down give the whole expert (the offload split)."""
-    rng = np.random.default_rng(0)
-    i, d, r = 24, 16, 10
-    (gate_up, down), = random_experts(rng, 1, i, d)
-    gate, up = gate_up[:i], gate_up[i:]
+    rng = np.random.default_rng(rows)
+    i, d = 24, 16
+    gate, up, down = (rng.standard_normal((i, d), dtype=np.float32) * 0.2 for _ in range(3))
     x = jnp.asarray(rng.standard_normal((3, d), dtype=np.float32))
-    packed = jnp.stack([gate, up, down])  # [3, I, D]
-    coef = jnp.ones((3, 1), jnp.float32)
-    split = moe.experts_segments(x, coef, [packed[:, :r]]) + moe.experts_segments(x, coef, [packed[:, r:]])
-    np.testing.assert_allclose(np.asarray(split), np.asarray(moe.expert_ffn(x, gate_up, down)), rtol=1e-5, atol=1e-5)
+    top, bottom = moe.split_expert(gate, up, down, rows)
+    assert top[0].shape == (2 * rows, d) and top[1].shape == (rows, d)
+    split = moe.expert_ffn(x, *top) + (moe.expert_ffn(x, *bottom) if bottom is not None else 0)
+    assert (bottom is None) == (rows == i)
+    whole = moe.expert_ffn(x, np.concatenate([gate, up]), down)
+    np.testing.assert_allclose(np.asarray(split), np.asarray(whole), rtol=1e-5, atol=1e-5)

@@ -96,7 +96,8 @@ def test_bytes_counter_equals_the_bytes_actually_put_on_the_device(converted, mo
     engine = _offload(converted["olmoe"], config, config.top_k * 0.5 / config.num_experts + 1e-9, 0.5, "lru", True)
     moved = []
     original = OffloadEngine._fetch
-    monkeypatch.setattr(OffloadEngine, "_fetch", lambda self, a: (moved.append(a.nbytes), original(self, a))[1])
+    monkeypatch.setattr(OffloadEngine, "_fetch",
+                        lambda self, seg: (moved.append(sum(a.nbytes for a in seg)), original(self, seg))[1])
     before = engine.counters.bytes_h2d
     out = engine.generate(prompt_ids=_prompt(), max_new_tokens=12)
     assert sum(moved) == engine.counters.bytes_h2d - before == out.extra["bytes_h2d"] > 0

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "relu": jax.nn.relu}
 
@@ -140,12 +141,13 @@ def experts_auto(x, weights, ids, experts: Experts, act="silu"):
         cpu=lambda *a: experts_dense(*a, act=act), default=lambda *a: experts_grouped(*a, act=act))
 
 
-def experts_segments(x, coef, segments, act="silu"):
-    """Experts (or one segment of each) given as K arrays [3, R, D] of (gate, up, down) rows,
-    combined with per-token coefficients coef [N, K] (zero where a token does not use the
-    expert) -> [N, D] float32. Each segment is used as stored (no gather into a new layout)."""
-    out = jnp.zeros((x.shape[0], x.shape[-1]), jnp.float32)
-    for j, w in enumerate(segments):
-        h = ACTIVATIONS[act](jnp.einsum("nd,rd->nr", x, w[0])) * jnp.einsum("nd,rd->nr", x, w[1])
-        out = out + coef[:, j : j + 1] * jnp.einsum("nr,rd->nd", h, w[2]).astype(jnp.float32)
-    return out
+def split_expert(gate, up, down, rows: int):
+    """One expert's checkpoint arrays (numpy [I, D] each) -> (top, bottom) segments, each in the
+    model's layout (gate_up [2R, D], down [R, D]); top holds the first `rows` intermediate rows,
+    bottom the rest (None when rows == I). expert_ffn(x, *top) + expert_ffn(x, *bottom) is the
+    expert exactly."""
+    def segment(rs):
+        return np.ascontiguousarray(np.concatenate([gate[rs], up[rs]])), np.ascontiguousarray(down[rs])
+
+    top = segment(slice(0, rows))
+    return top, (segment(slice(rows, None)) if rows < gate.shape[0] else None)

@@ -2,8 +2,7 @@
 
 Design. Each layer runs as two jitted calls dispatched from Python: `attn_router` (attention,
 the router, and the next layer's router applied to this layer's hidden state, which predicts
-the next layer's experts) and `experts` (writes newly arrived segments into the layer's cache,
-then computes the chosen experts from cache slots). Between them the host reads the router's
+the next layer's experts) and `experts` (computes the chosen experts from cache slots). Between them the host reads the router's
 choice (one small device->host sync per layer), asks the layer's `LayerController` (the same
 code the trace simulator runs) what to fetch and where it goes, and issues eager `device_put`s
 from `pinned_host` arrays. Eager transfers run on their own stream, so the next layer's predicted
@@ -19,9 +18,13 @@ not need. The per-layer sync costs tens of microseconds on a GPU against millise
 transfer per layer at any budget that offloads.
 
 Layout. A layer with split ratio r keeps, per cached expert, its top segment (the first
-round(r*I) intermediate rows of gate, up and down, packed [3, R, D]) in a slot of a [C, 3, R, D]
-device array. Whole experts are r = 1. A needed expert whose top is cached moves only its bottom
-segment; a missing one moves both; the output is top(x) + bottom(x), exactly the expert.
+R = round(r*I) intermediate rows of gate, up and down, as the model lays an expert out: gate_up
+[2R, D] and down [R, D]) in one of C slots. A slot is the pair of device buffers a transfer
+produced: an arriving segment replaces the slot's buffers, with no copy, and the experts call
+picks slots with `lax.switch`, reading them in place (a traced slice of one stacked [C, ...]
+array would be copied before every product on CPU). Whole experts are r = 1. A needed expert
+whose top is cached moves only its bottom segment; a missing one moves both; the output is
+top(x) + bottom(x), exactly the expert.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from jax.sharding import SingleDeviceSharding
 from jaxmoe import checkpoint as ckpt
 from jaxmoe.config import ModelConfig
 from jaxmoe.engine import Engine, GenerationResult, _load_tokenizer
-from jaxmoe.models.moe import experts_segments
+from jaxmoe.models.moe import expert_ffn, split_expert
 from jaxmoe.models.transformer import KVCache, project_out
 from jaxmoe.offload import plan as planning
 from jaxmoe.offload import policies
@@ -53,30 +56,32 @@ def memory(kind: str):
     return SingleDeviceSharding(jax.devices()[0], memory_kind=kind)
 
 
+Segment = tuple[jax.Array, jax.Array]  # (gate_up [2R, D], down [R, D]), see moe.split_expert
+
+
 class HostExpertStore:
-    """Every routed expert in pinned host memory as (top, bottom) segments, each [3, R, D]."""
+    """Every routed expert in pinned host memory as (top, bottom) segments."""
 
     def __init__(self, model_dir: Path, config: ModelConfig, plan: OffloadPlan):
         host = memory("pinned_host")
-        self.top: dict[int, list[jax.Array]] = {}
-        self.bottom: dict[int, list[jax.Array | None]] = {}
+        self.top: dict[int, list[Segment]] = {}
+        self.bottom: dict[int, list[Segment | None]] = {}
         for p in plan.layers:
             tops, bottoms = [], []
             for e in range(config.num_experts):
                 unit = ckpt.read_unit(model_dir, ckpt.expert_unit(p.layer, e))
                 prefix = f"layers.{p.layer}.mlp.experts.{e}."
-                packed = np.stack([unit[prefix + n] for n in ("gate", "up", "down")])  # [3, I, D]
-                tops.append(jax.device_put(np.ascontiguousarray(packed[:, : p.split_rows]), host))
-                rest = packed[:, p.split_rows :]
-                bottoms.append(jax.device_put(np.ascontiguousarray(rest), host) if rest.shape[1] else None)
+                top, bottom = split_expert(*(unit[prefix + n] for n in ("gate", "up", "down")), p.split_rows)
+                tops.append(jax.device_put(top, host))
+                bottoms.append(jax.device_put(bottom, host) if bottom is not None else None)
             self.top[p.layer], self.bottom[p.layer] = tops, bottoms
 
     def fits(self, plan: OffloadPlan) -> bool:
         """Whether this store's segments are the ones `plan` splits experts into."""
-        return all(p.layer in self.top and self.top[p.layer][0].shape[1] == p.split_rows for p in plan.layers)
+        return all(p.layer in self.top and self.top[p.layer][0][1].shape[0] == p.split_rows for p in plan.layers)
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for layer in (*self.top.values(), *self.bottom.values()) for a in layer if a is not None)
+        return sum(a.nbytes for a in jax.tree.leaves((self.top, self.bottom)))
 
 
 # -- per-layer device functions ------------------------------------------------------------------
@@ -104,18 +109,12 @@ def _dense_layer(layer_def, layer_state, x, start, k, v):
     return x, k, v
 
 
-def _write_tops(cache, tops, slots):
-    """Arrived top segments (a tuple of [3, R, D]) into their cache slots [n]; the cache is donated,
-    so this writes in place. Called only when something arrived, with exactly what arrived."""
-    return cache.at[slots].set(jnp.stack(tops))
-
-
 def _experts(layer_def, finish, layer_state, x, hn, acc, weights, ids, valid, members, slots, bottoms, cache):
     """Add a chunk's experts, read from cache slots, to `acc`.
 
-    members [K] expert ids (-1 pads), slots [K] their cache slots, bottoms: K arrays [3, I-R, D]
-    (empty tuple without a split). `acc` is None for a layer's first chunk. With `finish`,
-    returns the layer output instead of `acc`.
+    members [K] expert ids (-1 pads), slots [K] their cache slots, cache: the layer's C slot
+    segments, bottoms: K bottom segments (empty tuple without a split). `acc` is None for a
+    layer's first chunk. With `finish`, returns the layer output instead of `acc`.
     """
     b, t, d = hn.shape
     flat = hn.reshape(b * t, d)
@@ -124,10 +123,13 @@ def _experts(layer_def, finish, layer_state, x, hn, acc, weights, ids, valid, me
                              weights[:, :, None], 0.0), axis=1)  # [N, K]
     layer = nnx.merge(layer_def, layer_state)
     act = layer.mlp.c.hidden_act
-    tops = [jax.lax.dynamic_index_in_dim(cache, slots[j], keepdims=False) for j in range(slots.shape[0])]
-    y = experts_segments(flat, coef, tops, act)
-    if bottoms:
-        y = y + experts_segments(flat, coef, bottoms, act)
+    slot_fns = [functools.partial(lambda v, seg: expert_ffn(v, *seg, act), seg=seg) for seg in cache]
+    y = jnp.zeros(flat.shape, jnp.float32)
+    for j in range(slots.shape[0]):
+        yj = jax.lax.switch(slots[j], slot_fns, flat)
+        if bottoms:
+            yj = yj + expert_ffn(flat, *bottoms[j], act)
+        y = y + coef[:, j : j + 1] * yj.astype(jnp.float32)
     acc = y if acc is None else acc + y
     if not finish:
         return acc
@@ -149,9 +151,6 @@ def _head(norm_def, out_def, norm_state, out_state, x):
 @functools.partial(jax.jit, static_argnames="greedy_only")
 def _choose(logits, key, sampling, *, greedy_only: bool):
     return greedy(logits) if greedy_only else sample(logits, key, sampling)
-
-
-_write_tops_jit = jax.jit(_write_tops, donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -197,13 +196,14 @@ class OffloadEngine(Engine):
         self.counters = Counters()
         self.controllers = build_controllers(config, plan, self.policy, self.counters)
         device = memory("device")
-        self.caches: dict[int, jax.Array] = {}
-        self._zero_bottom: dict[int, jax.Array] = {}
+        self.caches: dict[int, list[Segment]] = {}  # per layer, the segment in each slot
+        self._zero_bottom: dict[int, Segment] = {}
         for p in plan.layers:
             slot_expert = self.controllers[p.layer].cache.slot_expert
-            self.caches[p.layer] = jnp.stack([jax.device_put(self.store.top[p.layer][e], device) for e in slot_expert])
+            self.caches[p.layer] = [jax.device_put(self.store.top[p.layer][e], device) for e in slot_expert]
             bottom_rows = config.moe_intermediate_size - p.split_rows
-            self._zero_bottom[p.layer] = jnp.zeros((3, bottom_rows, config.hidden_size), config.jnp_dtype)
+            self._zero_bottom[p.layer] = tuple(jnp.zeros((n * bottom_rows, config.hidden_size), config.jnp_dtype)
+                                               for n in (2, 1))
         self.next_moe = {l: l + 1 for l in config.moe_layer_ids if l + 1 in self.controllers}
         self._layer_fns = [self._bind_layer(l) for l in range(config.num_layers)]
         self._inflight_tops: dict[int, dict[int, jax.Array]] = {l: {} for l in self.controllers}
@@ -249,19 +249,16 @@ class OffloadEngine(Engine):
             fns[finish] = functools.partial(_jitted(_experts, layer_def, finish, donate=(3,)), layer_state)
         return fns
 
-    def _fetch(self, array: jax.Array) -> jax.Array:
-        return jax.device_put(array, memory("device"))
+    def _fetch(self, segment: Segment) -> Segment:
+        return jax.device_put(segment, memory("device"))
 
     def _run_chunks(self, l, x, hn, weights, ids, valid, chunks):
         store, k = self.store, self.config.top_k
         inflight_tops, inflight_bottoms = self._inflight_tops[l], self._inflight_bottoms[l]
         fns, acc = self._layer_fns[l], None
         for i, chunk in enumerate(chunks):
-            if chunk.top_fetches:
-                tops = tuple(inflight_tops.pop(e) if e in inflight_tops else self._fetch(store.top[l][e])
-                             for e, _ in chunk.top_fetches)
-                slots = np.array([s for _, s in chunk.top_fetches], np.int32)
-                self.caches[l] = _write_tops_jit(self.caches[l], tops, slots)
+            for e, slot in chunk.top_fetches:  # an arrived segment becomes its slot's buffers
+                self.caches[l][slot] = inflight_tops.pop(e) if e in inflight_tops else self._fetch(store.top[l][e])
             bottoms = ()
             if store.bottom[l][0] is not None:
                 bottoms = tuple(self._fetch(store.bottom[l][e]) if e in chunk.bottom_fetches else inflight_bottoms.pop(e)
@@ -269,7 +266,8 @@ class OffloadEngine(Engine):
                 bottoms += (self._zero_bottom[l],) * (k - len(bottoms))
             members = np.array(chunk.members + [-1] * (k - len(chunk.members)), np.int32)
             slots = np.array(chunk.slots + [0] * (k - len(chunk.slots)), np.int32)
-            acc = fns[i == len(chunks) - 1](x, hn, acc, weights, ids, valid, members, slots, bottoms, self.caches[l])
+            acc = fns[i == len(chunks) - 1](x, hn, acc, weights, ids, valid, members, slots, bottoms,
+                                            tuple(self.caches[l]))
         inflight_tops.clear()
         inflight_bottoms.clear()
         return acc  # the layer output after the last chunk
