@@ -228,6 +228,75 @@ def matvec_bench(d: int, i: int, v: int, torch_threads: list[int], stack_bytes: 
     return out
 
 
+def matvec_chain_bench(d: int, sizes_mb=(2, 4), total_bytes: int = 768 << 20) -> dict:
+    """What one decode step's chain of dependent matrix-vector products can stream on this CPU.
+
+    Each size: float32 matrices [rows, d] of that many MB, `total_bytes` of distinct ones (so
+    reads come from DRAM), multiplied in a chain inside one jitted function (each product feeds
+    the next, as layers and experts do), GB/s of weights. Measured with XLA on every core, with
+    XLA pinned to one core (a subprocess with its affinity set before jax starts), and with numpy
+    (its BLAS, multi-threaded) for comparison. XLA on CPU splits one product across cores only
+    above a size threshold, and runs a dependent chain one product at a time.
+    """
+    import subprocess
+
+    out = {"d": d, "sizes_mb": list(sizes_mb), "xla_all_cores_GBps": _chain_xla(d, sizes_mb, total_bytes)}
+    code = (f"import os, sys, json; os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}}); "
+            f"sys.path.insert(0, {str(Path(__file__).parent)!r}); import decode_cpu; "
+            f"print(json.dumps(decode_cpu._chain_xla({d}, {list(sizes_mb)}, {total_bytes})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out["xla_one_core_GBps"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["numpy_all_cores_GBps"] = _chain_numpy(d, sizes_mb, total_bytes)
+    return out
+
+
+def _chain_xla(d: int, sizes_mb, total_bytes: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    result = {}
+    for mb in sizes_mb:
+        rows = (mb << 20) // (4 * d)
+        count, k = total_bytes // (rows * d * 4), 16
+        rng = np.random.default_rng(0)
+        mats = [jnp.asarray(rng.standard_normal((rows, d), dtype=np.float32)) for _ in range(count)]
+
+        @jax.jit
+        def chain(ms, x):
+            for m in ms:
+                x = x + 1e-3 * jnp.resize(m @ x, x.shape)
+            return x
+
+        x = jnp.ones((d,), jnp.float32)
+        groups = [mats[i:i + k] for i in range(0, count - k + 1, k)]
+        chain(groups[0], x).block_until_ready()
+        t = time.perf_counter()
+        for _ in range(3):
+            for g in groups:
+                x = chain(g, x)
+        x.block_until_ready()
+        result[f"{mb}MB"] = round(3 * len(groups) * k * rows * d * 4 / (time.perf_counter() - t) / 1e9, 2)
+        del mats, groups
+    return result
+
+
+def _chain_numpy(d: int, sizes_mb, total_bytes: int) -> dict:
+    result = {}
+    for mb in sizes_mb:
+        rows = (mb << 20) // (4 * d)
+        count = total_bytes // (rows * d * 4)
+        rng = np.random.default_rng(0)
+        mats = [rng.standard_normal((rows, d), dtype=np.float32) for _ in range(count)]
+        x = np.ones((d,), np.float32)
+        t = time.perf_counter()
+        for _ in range(3):
+            for m in mats:
+                x = x + 1e-3 * np.resize(m @ x, x.shape)
+        result[f"{mb}MB"] = round(3 * count * rows * d * 4 / (time.perf_counter() - t) / 1e9, 2)
+        del mats
+    return result
+
+
 def _experts_gather_einsum(x, weights, ids, gate, up, down):
     """Decode experts from stacked [E, I, D] arrays by gathering [N, k, I, D], then einsums."""
     import jax
@@ -259,8 +328,10 @@ def expert_path_bench(layers: int, e: int, i: int, d: int, k: int, repeats: int 
     """The routed-expert part of one decode step alone (random weights of the model's shapes,
     router-dependent expert choice, layers chained), per formulation: gather + einsum and dynamic
     slices from stacked [E, I, D] arrays (jaxmoe's earlier layouts), and
-    jaxmoe.models.moe.experts_selected (lax.switch over per-expert buffers, no copy). Median ms
-    per step and GB/s of the selected experts' bytes."""
+    jaxmoe.models.moe.experts_selected (lax.switch over per-expert buffers, no copy, gate and up
+    as one matrix). Median ms per step and GB/s of the selected experts' bytes. Routing depends
+    only on the fixed input, so the same experts are read every call: cache-warm figures, which
+    compare the formulations, not the machine's DRAM speed (matvec_chain_bench measures that)."""
     import jax
     import jax.numpy as jnp
 
@@ -270,6 +341,7 @@ def expert_path_bench(layers: int, e: int, i: int, d: int, k: int, repeats: int 
     separate = [[tuple(jnp.asarray(rng.standard_normal((i, d), dtype=np.float32) * 0.03) for _ in range(3))
                  for _ in range(e)] for _ in range(layers)]
     stacks = [tuple(jnp.stack(m) for m in zip(*experts)) for experts in separate]
+    fused = [[(jnp.concatenate([g, u]), dn) for g, u, dn in experts] for experts in separate]  # jaxmoe's layout
     routers = [jnp.asarray(rng.standard_normal((d, e), dtype=np.float32)) for _ in range(layers)]
     x0 = jnp.asarray(rng.standard_normal((1, d), dtype=np.float32))
 
@@ -285,11 +357,11 @@ def expert_path_bench(layers: int, e: int, i: int, d: int, k: int, repeats: int 
 
     selected_gb = layers * k * 3 * i * d * 4 / 1e9
     out = {"shapes": {"layers": layers, "experts": e, "I": i, "D": d, "top_k": k}, "selected_bytes": int(selected_gb * 1e9)}
-    ref = chain(moe.experts_reference)(x0, separate, routers)
+    ref = chain(moe.experts_dense)(x0, fused, routers)
     for name, fn, experts in (
             ("gather_einsum (stacked)", lambda x, w, ids, st: _experts_gather_einsum(x, w, ids, *st), stacks),
             ("dynamic_slice (stacked)", lambda x, w, ids, st: _experts_dynamic_slice(x, w, ids, *st), stacks),
-            ("switch over per-expert buffers (jaxmoe)", moe.experts_selected, separate)):
+            ("switch over per-expert buffers (jaxmoe)", moe.experts_selected, fused)):
         f = chain(fn)
         y = f(x0, experts, routers).block_until_ready()
         s_ = _median_call_s(lambda: f(x0, experts, routers).block_until_ready(), repeats)
@@ -601,6 +673,8 @@ def main(argv=None) -> None:
             "shapes": {"D": c["hidden_size"], "I": c["moe_intermediate_size"], "V": c["vocab_size"]},
             "results": matvec_bench(c["hidden_size"], c["moe_intermediate_size"], c["vocab_size"], args.torch_threads),
         }
+        print("matvec chains ...", flush=True)
+        report["matvec_chain_f32"] = matvec_chain_bench(c["hidden_size"])
         print("expert paths ...", flush=True)
         report["expert_paths"] = expert_path_bench(c["num_layers"], c["num_experts"], c["moe_intermediate_size"],
                                                    c["hidden_size"], c["top_k"])
@@ -631,6 +705,12 @@ def print_table(report: dict) -> None:
         for name, r in report["expert_paths"].items():
             if isinstance(r, dict) and "ms" in r:
                 print(f"  {name:30} {r['ms']:8.2f} ms {r['GBps']:6.1f} GB/s")
+    if "matvec_chain_f32" in report:
+        r = report["matvec_chain_f32"]
+        print(f"\nchained f32 matvecs [rows, {r['d']}] from DRAM, GB/s: "
+              + "; ".join(f"{size}: XLA all cores {r['xla_all_cores_GBps'][size]}, XLA one core "
+                          f"{r['xla_one_core_GBps'][size]}, numpy {r['numpy_all_cores_GBps'][size]}"
+                          for size in r["xla_all_cores_GBps"]))
     if "matvec_f32" in report:
         threads = report["settings"]["torch_threads"]
         head = " / ".join(f"torch {t}thr" for t in threads)
