@@ -8,7 +8,9 @@ code the trace simulator runs) what to fetch and where it goes, and issues eager
 from `pinned_host` arrays. Eager transfers run on their own stream, so the next layer's predicted
 experts move while this layer's experts and the next attention compute. Every buffer shape is
 fixed by the plan before the first compile; slot numbers and expert ids are traced arrays, so a
-new routing decision never recompiles.
+new routing decision never recompiles. A layer whose cache holds every expert whole can never
+miss: it runs as one call on its cached segments, like the resident model, with no round trip,
+and its routing is accounted once the step has run.
 
 Why not one jit per token with data-dependent slices of host arrays inside it: policies would
 have to live in XLA (and again, differently, in the simulator), fetching "only the misses" needs
@@ -43,7 +45,7 @@ from jax.sharding import SingleDeviceSharding
 from jaxmoe import checkpoint as ckpt
 from jaxmoe.config import ModelConfig
 from jaxmoe.engine import Engine, GenerationResult, _load_tokenizer
-from jaxmoe.models.moe import expert_ffn, split_expert
+from jaxmoe.models.moe import expert_ffn, experts_auto, split_expert
 from jaxmoe.models.transformer import KVCache, project_out
 from jaxmoe.offload import plan as planning
 from jaxmoe.offload import policies
@@ -102,6 +104,16 @@ def _attn_router(layer_def, next_def, layer_state, next_state, x, start, k, v):
         nxt = nnx.merge(next_def, next_state)
         _, predicted = nxt.mlp.routing(nxt.mlp_norm(x).reshape(b * t, d))
     return x, hn, weights, ids, predicted, k, v
+
+
+def _resident_layer(layer_def, layer_state, experts, x, start, k, v):
+    """A whole MoE layer whose cache holds every expert whole, exactly as the resident model runs
+    it: experts [E] are the cache's segments in expert order. Returns the routing for accounting."""
+    def from_cache(flat, weights, ids, _placeholders, act):
+        return experts_auto(flat, weights, ids, experts, act)
+
+    x, k, v, (_, ids) = nnx.merge(layer_def, layer_state)(x, start, k, v, from_cache)
+    return x, k, v, ids
 
 
 def _dense_layer(layer_def, layer_state, x, start, k, v):
@@ -205,6 +217,12 @@ class OffloadEngine(Engine):
             self._zero_bottom[p.layer] = tuple(jnp.zeros((n * bottom_rows, config.hidden_size), config.jnp_dtype)
                                                for n in (2, 1))
         self.next_moe = {l: l + 1 for l in config.moe_layer_ids if l + 1 in self.controllers}
+        # Layers whose cache holds every expert whole never transfer or evict: they run in one call
+        # on the cached segments without waiting for the router, and are accounted after the step.
+        self._resident_experts = {
+            p.layer: tuple(self.caches[p.layer][self.controllers[p.layer].cache.slot_of(e)]
+                           for e in range(config.num_experts))
+            for p in plan.layers if p.slots >= config.num_experts and p.split_rows == config.moe_intermediate_size}
         self._layer_fns = [self._bind_layer(l) for l in range(config.num_layers)]
         self._inflight_tops: dict[int, dict[int, jax.Array]] = {l: {} for l in self.controllers}
         self._inflight_bottoms: dict[int, dict[int, jax.Array]] = {l: {} for l in self.controllers}
@@ -247,7 +265,18 @@ class OffloadEngine(Engine):
                                                     layer_state, next_state)
         for finish in (False, True):
             fns[finish] = functools.partial(_jitted(_experts, layer_def, finish, donate=(3,)), layer_state)
+        if l in self._resident_experts:
+            fns["resident"] = functools.partial(_jitted(_resident_layer, layer_def, donate=(4, 5)), layer_state,
+                                                self._resident_experts[l])
         return fns
+
+    def _runs_resident(self, l: int, decoding: bool) -> bool:
+        """Whether layer l can skip the host round trip: every expert cached whole, routing not
+        replayed, and no prefetch guess for a next layer that could miss."""
+        if l not in self._resident_experts or self.route_override is not None:
+            return False
+        nl = self.next_moe.get(l) if decoding and self.plan.prefetch else None
+        return nl is None or nl in self._resident_experts
 
     def _fetch(self, segment: Segment) -> Segment:
         return jax.device_put(segment, memory("device"))
@@ -274,9 +303,14 @@ class OffloadEngine(Engine):
 
     def _layers(self, x, start, kv: KVCache, valid: int, decoding: bool):
         ks, vs = list(kv.k), list(kv.v)
+        unaccounted = []  # (layer, ids) of layers run without a host round trip
         for l, fns in enumerate(self._layer_fns):
             if "dense" in fns:
                 x, ks[l], vs[l] = fns["dense"](x, start, ks[l], vs[l])
+                continue
+            if self._runs_resident(l, decoding):
+                x, ks[l], vs[l], ids = fns["resident"](x, start, ks[l], vs[l])
+                unaccounted.append((l, ids))
                 continue
             nl = self.next_moe.get(l) if decoding and self.plan.prefetch else None
             attn = fns["attn_predict"] if nl is not None else fns["attn"]
@@ -304,6 +338,11 @@ class OffloadEngine(Engine):
                     self._inflight_tops[nl][e] = self._fetch(self.store.top[nl][e])
                 for e in bottoms:
                     self._inflight_bottoms[nl][e] = self._fetch(self.store.bottom[nl][e])
+        for l, ids in unaccounted:  # the same bookkeeping as a round trip, once the step has run
+            chosen = np.asarray(ids)[:valid]
+            if l in self._predicted:
+                self.controllers[l].score_prediction(self._predicted.pop(l), chosen[0].tolist())
+            self.controllers[l].step([row.tolist() for row in chosen], self._now)
         self._now += valid
         return x, KVCache(k=tuple(ks), v=tuple(vs))
 
