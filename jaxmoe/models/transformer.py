@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx, struct
 
 from jaxmoe.config import ModelConfig
@@ -153,7 +152,8 @@ class Expert(nnx.Module):
     @staticmethod
     def from_checkpoint(gate, up, down) -> dict:
         """A checkpoint's three [I, D] arrays (numpy) -> this module's parameters."""
-        return {"gate_up": np.concatenate([gate, up]), "down": down}
+        gate_up, down = moe_ops.split_expert(gate, up, down, rows=gate.shape[0])[0]  # the whole expert
+        return {"gate_up": gate_up, "down": down}
 
     @staticmethod
     def checkpoint_shapes(params: dict) -> dict:
