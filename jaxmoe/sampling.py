@@ -25,9 +25,19 @@ def greedy(logits: jax.Array) -> jax.Array:
 
 
 def sample(logits: jax.Array, key: jax.Array, p: SamplingParams) -> jax.Array:
-    """logits [B, V] float32 -> token ids [B]."""
-    vocab = logits.shape[-1]
+    """logits [B, V] float32 -> token ids [B]. The sort that top-k and top-p need is skipped when
+    neither is set (a cond on the traced settings: a full-vocabulary sort per token otherwise)."""
     scaled = logits / p.temperature
+    filtered = (p.top_k > 0) | (p.top_p < 1.0)
+    return jax.lax.cond(filtered, _sample_filtered, _sample_plain, scaled, key, p)
+
+
+def _sample_plain(scaled, key, p):
+    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+
+def _sample_filtered(scaled, key, p):
+    vocab = scaled.shape[-1]
     order = jnp.argsort(-scaled, axis=-1)
     ranked = jnp.take_along_axis(scaled, order, axis=-1)  # [B, V], descending
     rank = jnp.arange(vocab)

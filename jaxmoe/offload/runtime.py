@@ -161,8 +161,9 @@ def _head(norm_def, out_def, norm_state, out_state, x):
 
 
 @functools.partial(jax.jit, static_argnames="greedy_only")
-def _choose(logits, key, sampling, *, greedy_only: bool):
-    return greedy(logits) if greedy_only else sample(logits, key, sampling)
+def _choose(logits, key, pos, sampling, *, greedy_only: bool):
+    """The next token, with the step's key folded in from the request's key as Engine's decode does."""
+    return greedy(logits) if greedy_only else sample(logits, jax.random.fold_in(key, pos), sampling)
 
 
 @functools.lru_cache(maxsize=None)
@@ -361,7 +362,7 @@ class OffloadEngine(Engine):
             x, cache = self._layers(self._embed(token[:, None]), pos, cache, 1, decoding=True)
             self.counters.tokens += 1
             logits = self._head(x[:, 0])
-            return _choose(logits, key, sampling, greedy_only=greedy_only), logits, cache
+            return _choose(logits, key, pos, sampling, greedy_only=greedy_only), logits, cache
 
         return prefill, decode  # compiled lazily; generate() clocks compilation as it happens
 
