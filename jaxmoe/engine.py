@@ -102,7 +102,9 @@ def _decode(graphdef, state, token, pos, cache, key, params, *, greedy_only: boo
     model = nnx.merge(graphdef, state)
     hidden, cache, _ = model(token[:, None], pos, cache)
     logits = model.logits(hidden[:, 0])
-    nxt = greedy(logits) if greedy_only else sample(logits, key, params)
+    # The step's key is folded in here from the request's key and the position: on the host, an
+    # eager fold_in is several more dispatches per token.
+    nxt = greedy(logits) if greedy_only else sample(logits, jax.random.fold_in(key, pos), params)
     return nxt, logits, cache
 
 
@@ -258,8 +260,7 @@ class Engine:
         while stop is None:
             step = None
             if len(out) + (queued is not None) < budget:
-                key = base_key if greedy_only else jax.random.fold_in(base_key, pos - n + 1)  # greedy: unused
-                token, step_logits, cache = decode(token, np.int32(pos), cache, key, sampling)
+                token, step_logits, cache = decode(token, np.int32(pos), cache, base_key, sampling)
                 pos += 1
                 step = (token, step_logits)
             if queued is not None and consume(queued):
@@ -296,10 +297,17 @@ class Engine:
 
 
 class _TextStream:
-    """Incremental detokenisation: emit only text that will not change with the next token."""
+    """Incremental detokenisation: emit only text that will not change with the next token.
+
+    Each push decodes a short window, not the whole output: the tokens from `prefix` on, against
+    the same window without the newest tokens (from `read` on); the difference is the new text.
+    The few tokens before `read` give the tokenizer its context (a leading space, a merge), so the
+    pieces add up to decoding everything at once, at a cost that does not grow with the output.
+    """
 
     def __init__(self, tokenizer, sink: Callable[[str], None] | None):
-        self.tokenizer, self.sink, self.shown = tokenizer, sink, 0
+        self.tokenizer, self.sink = tokenizer, sink
+        self.prefix = self.read = 0  # token offsets: window start, end of what has been emitted
 
     def text(self, ids: list[int]) -> str:
         if self.tokenizer is None:
@@ -309,12 +317,12 @@ class _TextStream:
     def push(self, ids: list[int]) -> None:
         if self.sink is None or self.tokenizer is None:
             return
-        text = self.text(ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence; wait for the next token
+        shown = self.text(ids[self.prefix : self.read])
+        text = self.text(ids[self.prefix :])
+        if text.endswith("\ufffd") or len(text) <= len(shown):  # incomplete UTF-8, or nothing new yet
             return
-        if len(text) > self.shown:
-            self.sink(text[self.shown :])
-            self.shown = len(text)
+        self.sink(text[len(shown) :])
+        self.prefix, self.read = self.read, len(ids)
 
 
 @functools.lru_cache(maxsize=8)
