@@ -69,3 +69,30 @@ def test_sampler_respects_top_k_support():
     assert draws == {1, 2}
     draws = {int(sample(logits, jax.random.key(s), SamplingParams.make(1.0, top_p=0.65))[0]) for s in range(64)}
     assert draws == {1, 2}
+
+
+def test_unfiltered_sampling_follows_the_softmax():
+    """Without top-k or top-p the sampler skips the sort; draws still follow softmax(logits / T)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxmoe.sampling import SamplingParams, sample
+
+    probs = np.array([0.1, 0.4, 0.3, 0.2])
+    logits = jnp.asarray(np.log(probs)[None], jnp.float32)
+    draw = jax.jit(lambda k: sample(logits, k, SamplingParams.make(1.0)))
+    counts = np.bincount([int(draw(jax.random.key(s))[0]) for s in range(2000)], minlength=4) / 2000
+    np.testing.assert_allclose(counts, probs, atol=0.04)
+
+
+@pytest.mark.parametrize("prompt", ["def fibonacci(n):", "# héllo wörld ✓ 你好\n"])
+def test_streamed_text_adds_up_to_the_result(prompt):
+    """The streamed pieces (each decoded from a short window of tokens) concatenate to the text
+    decoded from all tokens at once, multi-byte characters included."""
+    from jaxmoe import resolve_model_dir
+
+    engine = Engine.from_dir(resolve_model_dir(None))
+    pieces = []
+    result = engine.generate(prompt, max_new_tokens=160, temperature=1.5, seed=11, stream=pieces.append)
+    assert len(pieces) > 10
+    assert "".join(pieces) == result.text
