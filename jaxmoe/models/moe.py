@@ -58,6 +58,12 @@ def gated(h, act):
     return ACTIVATIONS[act](h[..., :i]) * h[..., i:]
 
 
+def switch_expert(index, experts: Experts, x, act="silu"):
+    """x ([N, D] or [D]) through experts[index], `index` traced: a `lax.switch` with one branch per
+    expert, so only the chosen expert's buffers are read, in place (no gather, no copy)."""
+    return jax.lax.switch(index, [lambda v, w=w: expert_ffn(v, *w, act) for w in experts], x)
+
+
 # Up to this many (token, expert) pairs are unrolled in experts_selected; more run in a scan.
 SELECT_UNROLL_PAIRS = 16
 
@@ -70,13 +76,8 @@ def experts_selected(x, weights, ids, experts: Experts, act="silu"):
     """
     n, k = ids.shape
 
-    def branch(gate_up, down):
-        return lambda xt: gated(gate_up @ xt, act) @ down  # [D]
-
-    branches = [branch(*weights_e) for weights_e in experts]
-
     def pair(xt, e):
-        return jax.lax.switch(e, branches, xt).astype(jnp.float32)
+        return switch_expert(e, experts, xt, act).astype(jnp.float32)
 
     if n * k <= SELECT_UNROLL_PAIRS:
         rows = []

@@ -2,8 +2,8 @@
 
 Design. Each layer runs as two jitted calls dispatched from Python: `attn_router` (attention,
 the router, and the next layer's router applied to this layer's hidden state, which predicts
-the next layer's experts) and `experts` (computes the chosen experts from cache slots). Between them the host reads the router's
-choice (one small device->host sync per layer), asks the layer's `LayerController` (the same
+the next layer's experts) and `experts` (computes the chosen experts from cache slots).
+Between them the host reads the router's choice (one small device->host sync per layer), asks the layer's `LayerController` (the same
 code the trace simulator runs) what to fetch and where it goes, and issues eager `device_put`s
 from `pinned_host` arrays. Eager transfers run on their own stream, so the next layer's predicted
 experts move while this layer's experts and the next attention compute. Every buffer shape is
@@ -45,7 +45,7 @@ from jax.sharding import SingleDeviceSharding
 from jaxmoe import checkpoint as ckpt
 from jaxmoe.config import ModelConfig
 from jaxmoe.engine import Engine, GenerationResult, _load_tokenizer
-from jaxmoe.models.moe import expert_ffn, experts_auto, split_expert
+from jaxmoe.models.moe import expert_ffn, experts_auto, split_expert, switch_expert
 from jaxmoe.models.transformer import KVCache, project_out
 from jaxmoe.offload import plan as planning
 from jaxmoe.offload import policies
@@ -135,10 +135,9 @@ def _experts(layer_def, finish, layer_state, x, hn, acc, weights, ids, valid, me
                              weights[:, :, None], 0.0), axis=1)  # [N, K]
     layer = nnx.merge(layer_def, layer_state)
     act = layer.mlp.c.hidden_act
-    slot_fns = [functools.partial(lambda v, seg: expert_ffn(v, *seg, act), seg=seg) for seg in cache]
     y = jnp.zeros(flat.shape, jnp.float32)
     for j in range(slots.shape[0]):
-        yj = jax.lax.switch(slots[j], slot_fns, flat)
+        yj = switch_expert(slots[j], cache, flat, act)
         if bottoms:
             yj = yj + expert_ffn(flat, *bottoms[j], act)
         y = y + coef[:, j : j + 1] * yj.astype(jnp.float32)
