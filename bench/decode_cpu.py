@@ -341,7 +341,7 @@ def expert_path_bench(layers: int, e: int, i: int, d: int, k: int, repeats: int 
     separate = [[tuple(jnp.asarray(rng.standard_normal((i, d), dtype=np.float32) * 0.03) for _ in range(3))
                  for _ in range(e)] for _ in range(layers)]
     stacks = [tuple(jnp.stack(m) for m in zip(*experts)) for experts in separate]
-    fused = [[(jnp.concatenate([g, u]), dn) for g, u, dn in experts] for experts in separate]  # jaxmoe's layout
+    fused = [[(jnp.concatenate([g, u]), dn.T.copy()) for g, u, dn in experts] for experts in separate]  # jaxmoe's layout
     routers = [jnp.asarray(rng.standard_normal((d, e), dtype=np.float32)) for _ in range(layers)]
     x0 = jnp.asarray(rng.standard_normal((1, d), dtype=np.float32))
 

@@ -125,7 +125,7 @@ def measure_compute(config, kv_length: int = 1024, ratios=SPLIT_RATIOS, repeats:
 
     def segment(rows: int) -> float:
         gate_up = (jax.random.normal(key, (2 * rows, d), jnp.float32) * 0.02).astype(dt)
-        down = (jax.random.normal(key, (rows, d), jnp.float32) * 0.02).astype(dt)
+        down = (jax.random.normal(key, (d, rows), jnp.float32) * 0.02).astype(dt)
         fn = jax.jit(lambda x, gate_up, down: moe_ops.expert_ffn(x[0], gate_up, down, c.hidden_act))
         return _time(fn, x, gate_up, down, repeats=repeats)
 

@@ -145,7 +145,7 @@ def test_round_trip_every_tensor(family, hf_checkpoints, converted):
 
 
 def test_load_params_keeps_experts_apart(hf_checkpoints, converted):
-    """load_params gives each expert its own arrays: gate_up = [w1; w3], down = w2^T."""
+    """load_params gives each expert its own arrays: gate_up = [w1; w3], down = w2."""
     _, hf_dir = hf_checkpoints["mixtral"]
     src = source_tensors(hf_dir)
     config = ckpt.load_config(converted["mixtral"])
@@ -157,9 +157,9 @@ def test_load_params_keeps_experts_apart(hf_checkpoints, converted):
         for e in range(E):
             ref = {n: src[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{n}.weight"] for n in ("w1", "w2", "w3")}
             expert = mlp["experts"][e]
-            assert np.asarray(expert["gate_up"]).shape == (2 * I, D) and np.asarray(expert["down"]).shape == (I, D)
+            assert np.asarray(expert["gate_up"]).shape == (2 * I, D) and np.asarray(expert["down"]).shape == (D, I)
             np.testing.assert_array_equal(expert["gate_up"], np.concatenate([ref["w1"], ref["w3"]]))
-            np.testing.assert_array_equal(expert["down"], ref["w2"].T)
+            np.testing.assert_array_equal(expert["down"], ref["w2"])
         np.testing.assert_array_equal(mlp["router"]["kernel"], src[f"model.layers.{layer}.block_sparse_moe.gate.weight"].T)
     np.testing.assert_array_equal(params["embed"]["embedding"], src["model.embed_tokens.weight"])
     np.testing.assert_array_equal(params["lm_head"]["kernel"], src["lm_head.weight"].T)

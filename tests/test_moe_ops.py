@@ -10,7 +10,7 @@ from jaxmoe.models import moe
 
 def random_experts(rng, e, i, d):
     return [(jnp.asarray(rng.standard_normal((2 * i, d), dtype=np.float32) * 0.2),
-             jnp.asarray(rng.standard_normal((i, d), dtype=np.float32) * 0.2)) for _ in range(e)]
+             jnp.asarray(rng.standard_normal((d, i), dtype=np.float32) * 0.2)) for _ in range(e)]
 
 
 @pytest.mark.parametrize("n,e,k", [(1, 8, 2), (3, 16, 2), (9, 32, 2), (12, 4, 2), (5, 8, 3)])
@@ -37,8 +37,8 @@ def test_segments_add_up_to_the_expert(rows):
     gate, up, down = (rng.standard_normal((i, d), dtype=np.float32) * 0.2 for _ in range(3))
     x = jnp.asarray(rng.standard_normal((3, d), dtype=np.float32))
     top, bottom = moe.split_expert(gate, up, down, rows)
-    assert top[0].shape == (2 * rows, d) and top[1].shape == (rows, d)
+    assert top[0].shape == (2 * rows, d) and top[1].shape == (d, rows)
     split = moe.expert_ffn(x, *top) + (moe.expert_ffn(x, *bottom) if bottom is not None else 0)
     assert (bottom is None) == (rows == i)
-    whole = moe.expert_ffn(x, np.concatenate([gate, up]), down)
+    whole = moe.expert_ffn(x, np.concatenate([gate, up]), down.T)
     np.testing.assert_allclose(np.asarray(split), np.asarray(whole), rtol=1e-5, atol=1e-5)

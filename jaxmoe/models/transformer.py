@@ -136,7 +136,7 @@ class DenseMLP(nnx.Module):
 
 
 class Expert(nnx.Module):
-    """One routed expert: gate and up stacked as `gate_up` [2I, D], and `down` [I, D] (see
+    """One routed expert: gate and up stacked as `gate_up` [2I, D], and `down` [D, I] (see
     jaxmoe.models.moe). Checkpoints keep gate, up and down apart, the layout segments are cut
     from; `from_checkpoint` and `checkpoint_shapes` translate, in this one place."""
 
@@ -144,7 +144,7 @@ class Expert(nnx.Module):
 
     def __init__(self, d: int, i: int, dtype):
         self.gate_up = nnx.Param(jnp.zeros((2 * i, d), dtype))
-        self.down = nnx.Param(jnp.zeros((i, d), dtype))
+        self.down = nnx.Param(jnp.zeros((d, i), dtype))
 
     def weights(self):
         return self.gate_up[...], self.down[...]
@@ -159,7 +159,7 @@ class Expert(nnx.Module):
     def checkpoint_shapes(params: dict) -> dict:
         """This module's parameter shapes -> the shapes of the checkpoint's tensors."""
         two_i, d = params["gate_up"]
-        return {"gate": (two_i // 2, d), "up": (two_i // 2, d), "down": tuple(params["down"])}
+        return {"gate": (two_i // 2, d), "up": (two_i // 2, d), "down": (two_i // 2, d)}
 
 
 class MoEBlock(nnx.Module):

@@ -21,7 +21,7 @@ transfer per layer at any budget that offloads.
 
 Layout. A layer with split ratio r keeps, per cached expert, its top segment (the first
 R = round(r*I) intermediate rows of gate, up and down, as the model lays an expert out: gate_up
-[2R, D] and down [R, D]) in one of C slots. A slot is the pair of device buffers a transfer
+[2R, D] and down [D, R]) in one of C slots. A slot is the pair of device buffers a transfer
 produced: an arriving segment replaces the slot's buffers, with no copy, and the experts call
 picks slots with `lax.switch`, reading them in place (a traced slice of one stacked [C, ...]
 array would be copied before every product on CPU). Whole experts are r = 1. A needed expert
@@ -58,7 +58,7 @@ def memory(kind: str):
     return SingleDeviceSharding(jax.devices()[0], memory_kind=kind)
 
 
-Segment = tuple[jax.Array, jax.Array]  # (gate_up [2R, D], down [R, D]), see moe.split_expert
+Segment = tuple[jax.Array, jax.Array]  # (gate_up [2R, D], down [D, R]), see moe.split_expert
 
 
 class HostExpertStore:
@@ -80,7 +80,7 @@ class HostExpertStore:
 
     def fits(self, plan: OffloadPlan) -> bool:
         """Whether this store's segments are the ones `plan` splits experts into."""
-        return all(p.layer in self.top and self.top[p.layer][0][1].shape[0] == p.split_rows for p in plan.layers)
+        return all(p.layer in self.top and self.top[p.layer][0][1].shape[1] == p.split_rows for p in plan.layers)
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in jax.tree.leaves((self.top, self.bottom)))
@@ -214,8 +214,9 @@ class OffloadEngine(Engine):
             slot_expert = self.controllers[p.layer].cache.slot_expert
             self.caches[p.layer] = [jax.device_put(self.store.top[p.layer][e], device) for e in slot_expert]
             bottom_rows = config.moe_intermediate_size - p.split_rows
-            self._zero_bottom[p.layer] = tuple(jnp.zeros((n * bottom_rows, config.hidden_size), config.jnp_dtype)
-                                               for n in (2, 1))
+            d = config.hidden_size
+            self._zero_bottom[p.layer] = tuple(jnp.zeros(shape, config.jnp_dtype)
+                                               for shape in ((2 * bottom_rows, d), (d, bottom_rows)))
         self.next_moe = {l: l + 1 for l in config.moe_layer_ids if l + 1 in self.controllers}
         # Layers whose cache holds every expert whole never transfer or evict: they run in one call
         # on the cached segments without waiting for the router, and are accounted after the step.
