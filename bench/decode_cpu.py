@@ -228,15 +228,18 @@ def matvec_bench(d: int, i: int, v: int, torch_threads: list[int], stack_bytes: 
     return out
 
 
+# The forms one matrix-vector product can take; XLA on CPU streams them at different speeds.
+CHAIN_FORMS = {"w @ x, w [r, d]": "wx", "x @ w.T, w [r, d]": "xwt", "x @ w, w [d, r]": "xw"}
+
+
 def matvec_chain_bench(d: int, sizes_mb=(2, 4), total_bytes: int = 768 << 20) -> dict:
     """What one decode step's chain of dependent matrix-vector products can stream on this CPU.
 
-    Each size: float32 matrices [rows, d] of that many MB, `total_bytes` of distinct ones (so
-    reads come from DRAM), multiplied in a chain inside one jitted function (each product feeds
-    the next, as layers and experts do), GB/s of weights. Measured with XLA on every core, with
-    XLA pinned to one core (a subprocess with its affinity set before jax starts), and with numpy
-    (its BLAS, multi-threaded) for comparison. XLA on CPU splits one product across cores only
-    above a size threshold, and runs a dependent chain one product at a time.
+    Per size and form: float32 matrices of that many MB with one side d, `total_bytes` of distinct
+    ones (so reads come from DRAM), multiplied in a chain inside one jitted function (each product
+    feeds the next, as layers and experts do); GB/s of weights. Measured with XLA on every core,
+    with XLA pinned to one core (a subprocess with its affinity set before jax starts), and with
+    numpy (its BLAS, multi-threaded) for comparison.
     """
     import subprocess
 
@@ -250,49 +253,56 @@ def matvec_chain_bench(d: int, sizes_mb=(2, 4), total_bytes: int = 768 << 20) ->
     return out
 
 
+def _product(form: str, x, w):
+    return {"wx": lambda: w @ x, "xwt": lambda: x @ w.T, "xw": lambda: x @ w}[form]()
+
+
 def _chain_xla(d: int, sizes_mb, total_bytes: int) -> dict:
     import jax
     import jax.numpy as jnp
 
     result = {}
     for mb in sizes_mb:
-        rows = (mb << 20) // (4 * d)
-        count, k = total_bytes // (rows * d * 4), 16
+        r = (mb << 20) // (4 * d)
+        count, k = total_bytes // (r * d * 4), 16
         rng = np.random.default_rng(0)
-        mats = [jnp.asarray(rng.standard_normal((rows, d), dtype=np.float32)) for _ in range(count)]
+        mats = [rng.standard_normal((r, d), dtype=np.float32) for _ in range(count)]
+        for label, form in CHAIN_FORMS.items():
+            ws = [jnp.asarray(m.T.copy() if form == "xw" else m) for m in mats]
 
-        @jax.jit
-        def chain(ms, x):
-            for m in ms:
-                x = x + 1e-3 * jnp.resize(m @ x, x.shape)
-            return x
+            @jax.jit
+            def chain(ms, x):
+                for m in ms:
+                    x = x + 1e-3 * jnp.resize(_product(form, x, m), x.shape)
+                return x
 
-        x = jnp.ones((d,), jnp.float32)
-        groups = [mats[i:i + k] for i in range(0, count - k + 1, k)]
-        chain(groups[0], x).block_until_ready()
-        t = time.perf_counter()
-        for _ in range(3):
-            for g in groups:
-                x = chain(g, x)
-        x.block_until_ready()
-        result[f"{mb}MB"] = round(3 * len(groups) * k * rows * d * 4 / (time.perf_counter() - t) / 1e9, 2)
-        del mats, groups
+            x = jnp.ones((d,), jnp.float32)
+            groups = [ws[i:i + k] for i in range(0, count - k + 1, k)]
+            chain(groups[0], x).block_until_ready()
+            t = time.perf_counter()
+            for _ in range(3):
+                for g in groups:
+                    x = chain(g, x)
+            x.block_until_ready()
+            result[f"{mb}MB {label}"] = round(3 * len(groups) * k * r * d * 4 / (time.perf_counter() - t) / 1e9, 2)
+            del ws, groups
+        del mats
     return result
 
 
 def _chain_numpy(d: int, sizes_mb, total_bytes: int) -> dict:
     result = {}
     for mb in sizes_mb:
-        rows = (mb << 20) // (4 * d)
-        count = total_bytes // (rows * d * 4)
+        r = (mb << 20) // (4 * d)
+        count = total_bytes // (r * d * 4)
         rng = np.random.default_rng(0)
-        mats = [rng.standard_normal((rows, d), dtype=np.float32) for _ in range(count)]
+        mats = [rng.standard_normal((r, d), dtype=np.float32) for _ in range(count)]
         x = np.ones((d,), np.float32)
         t = time.perf_counter()
         for _ in range(3):
             for m in mats:
                 x = x + 1e-3 * np.resize(m @ x, x.shape)
-        result[f"{mb}MB"] = round(3 * count * rows * d * 4 / (time.perf_counter() - t) / 1e9, 2)
+        result[f"{mb}MB w @ x, w [r, d]"] = round(3 * count * r * d * 4 / (time.perf_counter() - t) / 1e9, 2)
         del mats
     return result
 
@@ -707,10 +717,10 @@ def print_table(report: dict) -> None:
                 print(f"  {name:30} {r['ms']:8.2f} ms {r['GBps']:6.1f} GB/s")
     if "matvec_chain_f32" in report:
         r = report["matvec_chain_f32"]
-        print(f"\nchained f32 matvecs [rows, {r['d']}] from DRAM, GB/s: "
-              + "; ".join(f"{size}: XLA all cores {r['xla_all_cores_GBps'][size]}, XLA one core "
-                          f"{r['xla_one_core_GBps'][size]}, numpy {r['numpy_all_cores_GBps'][size]}"
-                          for size in r["xla_all_cores_GBps"]))
+        print(f"\nchained f32 matvecs from DRAM (one side {r['d']}), GB/s: XLA all cores / XLA one core:")
+        for case, gbps in r["xla_all_cores_GBps"].items():
+            print(f"  {case:28} {gbps:6.1f} / {r['xla_one_core_GBps'][case]:6.1f}")
+        print("  numpy: " + ", ".join(f"{case} {v}" for case, v in r["numpy_all_cores_GBps"].items()))
     if "matvec_f32" in report:
         threads = report["settings"]["torch_threads"]
         head = " / ".join(f"torch {t}thr" for t in threads)
