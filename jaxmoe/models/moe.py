@@ -9,10 +9,10 @@ contiguous row range. An expert computes
 which is a sum over the intermediate rows, so top(x) + bottom(x) equals the whole expert exactly.
 
 The model holds routed experts as a sequence of E pairs `(gate_up, down)`: gate and up stacked
-into one [2I, D] matrix (one product instead of two; XLA on CPU also spreads a product over
-several cores only above a few MB, which two [I, D] halves of a small model miss), and down as
-[D, I], whose product h @ down.T XLA on CPU streams faster than h @ down with down [I, D] (13% of
-a decode step on the 111M bench model). Each expert is in its own buffers. Not one stacked [E, ...] array, because decode reads a traced
+into one [2I, D] matrix (one product instead of two) and down as [D, I], so that both products
+take the form x @ w.T, the one XLA on CPU spreads over both cores for matrices of a few MB (2 MB:
+21 GB/s against 14 for w @ x or x @ w; `matvec_chain_f32` in bench/results/decode_cpu.json).
+Each expert is in its own buffers. Not one stacked [E, ...] array, because decode reads a traced
 selection of experts: XLA on CPU materialises a dynamic slice of a stacked array before each dot
 (a full extra pass over every selected expert, 40% of a decode step on the bench model), while
 `lax.switch` over separate buffers hands the chosen buffer to the dot as is.
