@@ -30,7 +30,8 @@ FORMAT = "jaxmoe-checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "jaxmoe.json"
 WEIGHTS = "weights"
-_EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)$")
+_EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)$")  # a tensor path
+_EXPERT_UNIT = re.compile(r"^layers\.(\d+)\.experts\.(\d+)$")  # a unit name, see expert_unit
 
 
 class CheckpointError(ValueError):
@@ -132,11 +133,11 @@ def load_params(
     place = place or jax.device_put
     flat: dict[str, Any] = {}
     for unit in manifest["units"]:
+        match = _EXPERT_UNIT.match(unit)
+        if match and not experts:
+            continue  # not even read: the offload runtime's store reads experts itself
         tensors = read_unit(model_dir, unit)
-        match = re.fullmatch(r"layers\.(\d+)\.experts\.(\d+)", unit)
         if match:
-            if not experts:
-                continue
             prefix = f"layers.{match[1]}.mlp.experts.{match[2]}."
             tensors = {prefix + k: v for k, v in Expert.from_checkpoint(
                 *(tensors[prefix + name] for name in Expert.CHECKPOINT_TENSORS)).items()}
