@@ -23,8 +23,8 @@ from jaxmoe.models import moe as moe_ops
 
 @struct.dataclass
 class KVCache:
-    # Per layer [B, K, S, Hd]: the layout attention reads, so a decode step streams each head's
-    # keys and values once, in place; [B, S, K, Hd] made XLA transpose the whole cache every step.
+    # Per layer [B, K, S, Hd]: the layout attention's einsums read, each head's keys and values
+    # contiguous (no transpose of the cache in the step).
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
 

@@ -225,8 +225,8 @@ class OffloadEngine(Engine):
                            for e in range(config.num_experts))
             for p in plan.layers if p.slots >= config.num_experts and p.split_rows == config.moe_intermediate_size}
         self._layer_fns = [self._bind_layer(l) for l in range(config.num_layers)]
-        self._inflight_tops: dict[int, dict[int, jax.Array]] = {l: {} for l in self.controllers}
-        self._inflight_bottoms: dict[int, dict[int, jax.Array]] = {l: {} for l in self.controllers}
+        self._inflight_tops: dict[int, dict[int, Segment]] = {l: {} for l in self.controllers}
+        self._inflight_bottoms: dict[int, dict[int, Segment]] = {l: {} for l in self.controllers}
         self._predicted: dict[int, list[int]] = {}
         self._now = 0
         # Optional hooks that make every system follow one recorded routing in benchmarks:
