@@ -19,9 +19,7 @@ import uuid
 from collections import defaultdict
 from pathlib import Path
 
-import jax
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from jaxmoe import checkpoint as ckpt
@@ -29,7 +27,7 @@ from jaxmoe.config import DTYPES, ModelConfig
 from jaxmoe.convert.safetensors_reader import SafetensorsError, TensorInfo, index_checkpoint, read_tensor
 from jaxmoe.models import config_from_hf, tensor_map
 from jaxmoe.models.hf import TensorSpec
-from jaxmoe.models.transformer import Expert, abstract_model
+from jaxmoe.models.transformer import checkpoint_shapes
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
@@ -45,16 +43,7 @@ class ConversionError(ValueError):
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Dotted checkpoint path -> shape, from the model's own abstract parameters."""
-    _, state = nnx.split(abstract_model(config))
-    shapes = {}
-    for keys, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state)):
-        path = ".".join(str(getattr(k, "key", k)) for k in keys)
-        shapes[path] = tuple(leaf.shape)
-    for path in [p for p in shapes if p.endswith(".gate_up")]:  # experts: model layout -> checkpoint's
-        prefix = path[: -len("gate_up")]
-        model = {name: shapes.pop(prefix + name) for name in ("gate_up", "down")}
-        shapes.update({prefix + name: shape for name, shape in Expert.checkpoint_shapes(model).items()})
-    return shapes
+    return checkpoint_shapes(config)
 
 
 def plan(config: ModelConfig, tensors: dict[str, TensorInfo]) -> list[TensorSpec]:

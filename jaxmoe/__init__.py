@@ -26,7 +26,7 @@ def resolve_model_dir(path: str | Path | None = None, progress: bool = False) ->
 
     `None` means the bundled demo model. A Hugging Face directory (config.json and safetensors) is
     converted once into the cache (`$JAXMOE_CACHE`, default ~/.cache/jaxmoe), keyed by the
-    source files' names, sizes and modification times.
+    checkpoint format version and the source files' names, sizes and modification times.
     """
     from jaxmoe import checkpoint
 
@@ -35,7 +35,7 @@ def resolve_model_dir(path: str | Path | None = None, progress: bool = False) ->
         return path
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: neither a jaxmoe checkpoint ({checkpoint.MANIFEST}) nor a Hugging Face model (config.json)")
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(f"format {checkpoint.FORMAT_VERSION};".encode())
     for f in sorted(path.iterdir()):
         if f.is_file():
             st = f.stat()

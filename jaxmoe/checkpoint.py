@@ -27,7 +27,7 @@ import numpy as np
 from jaxmoe.config import ModelConfig
 
 FORMAT = "jaxmoe-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: linear weights [out, in] named `weight` (1: Flax kernels [in, out])
 MANIFEST = "jaxmoe.json"
 WEIGHTS = "weights"
 _EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)$")  # a tensor path
@@ -59,8 +59,14 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
             f"{model_dir} is not a jaxmoe checkpoint (no {MANIFEST}); convert a Hugging Face model with `jaxmoe convert`"
         )
     manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unknown format {manifest.get('format')!r} version {manifest.get('version')!r}")
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unknown format {manifest.get('format')!r}")
+    version = manifest.get("version")
+    if isinstance(version, int) and version < FORMAT_VERSION:
+        raise CheckpointError(f"{model_dir} was converted by an older jaxmoe (checkpoint format {version}, this "
+                              f"version reads {FORMAT_VERSION}); convert the Hugging Face model again with `jaxmoe convert`")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unknown checkpoint format version {version!r} (this jaxmoe reads {FORMAT_VERSION})")
     return manifest
 
 
@@ -118,28 +124,22 @@ def load_params(
     place: Callable[[np.ndarray], Any] | None = None,
     experts: bool = True,
 ) -> dict:
-    """Read every unit into the model's pure-dict parameter tree.
-
-    Each routed expert keeps its own arrays, translated from the checkpoint's gate/up/down by
-    `Expert.from_checkpoint`. `place` puts each array where it belongs (default: the default
-    device). `experts=False` skips routed experts.
+    """Read every unit into the model's pure-dict parameter tree, translated from the checkpoint's
+    layout by `transformer.params_from_checkpoint` one unit at a time. `place` puts each array
+    where it belongs (default: the default device). `experts=False` skips routed experts.
     """
     import jax
 
-    from jaxmoe.models.transformer import Expert
+    from jaxmoe.models.transformer import abstract_model, fused_linears, params_from_checkpoint
 
     manifest = read_manifest(model_dir)
     config = config or ModelConfig.from_json(manifest["config"])
     place = place or jax.device_put
+    fused = fused_linears(abstract_model(config))
     flat: dict[str, Any] = {}
     for unit in manifest["units"]:
-        match = _EXPERT_UNIT.match(unit)
-        if match and not experts:
+        if _EXPERT_UNIT.match(unit) and not experts:
             continue  # not even read: the offload runtime's store reads experts itself
-        tensors = read_unit(model_dir, unit)
-        if match:
-            prefix = f"layers.{match[1]}.mlp.experts.{match[2]}."
-            tensors = {prefix + k: v for k, v in Expert.from_checkpoint(
-                *(tensors[prefix + name] for name in Expert.CHECKPOINT_TENSORS)).items()}
+        tensors = params_from_checkpoint(read_unit(model_dir, unit), fused)
         flat.update({k: place(v) for k, v in tensors.items()})
     return _nest(flat)

@@ -40,13 +40,13 @@ def source_tensors(hf_dir: Path) -> dict[str, np.ndarray]:
 
 
 def documented_transform(ours: str, theirs: np.ndarray) -> np.ndarray:
-    """The documented layout change, spelled independently of TensorSpec.transpose: Flax linear kernels
-    are [in, out] (PyTorch: [out, in]); a routed expert's gate/up stay [I, D] and its down goes
-    [D, I] -> [I, D]; embeddings, norm scales and biases are copied as they are."""
+    """The documented layout change, spelled independently of TensorSpec.transpose: linear weights
+    keep PyTorch's [out, in]; a routed expert's gate/up stay [I, D] and its down goes [D, I] ->
+    [I, D]; embeddings, norm scales and biases are copied as they are."""
     parts = ours.split(".")
     if len(parts) >= 5 and parts[2:4] == ["mlp", "experts"]:
         return theirs.T if parts[-1] == "down" else theirs
-    return theirs.T if ours.endswith(".kernel") else theirs
+    return theirs
 
 
 def converted_tensors(model_dir: Path) -> dict[str, np.ndarray]:
@@ -144,8 +144,9 @@ def test_round_trip_every_tensor(family, hf_checkpoints, converted):
         assert (model_dir / name).read_bytes() == (hf_dir / name).read_bytes()
 
 
-def test_load_params_keeps_experts_apart(hf_checkpoints, converted):
-    """load_params gives each expert its own arrays: gate_up = [w1; w3], down = w2."""
+def test_load_params_translates_the_layout(hf_checkpoints, converted):
+    """load_params gives each expert its own arrays (gate_up = [w1; w3], down = w2), fuses
+    attention's q/k/v into one [out, in] weight, and keeps every other weight as PyTorch has it."""
     _, hf_dir = hf_checkpoints["mixtral"]
     src = source_tensors(hf_dir)
     config = ckpt.load_config(converted["mixtral"])
@@ -160,9 +161,34 @@ def test_load_params_keeps_experts_apart(hf_checkpoints, converted):
             assert np.asarray(expert["gate_up"]).shape == (2 * I, D) and np.asarray(expert["down"]).shape == (D, I)
             np.testing.assert_array_equal(expert["gate_up"], np.concatenate([ref["w1"], ref["w3"]]))
             np.testing.assert_array_equal(expert["down"], ref["w2"])
-        np.testing.assert_array_equal(mlp["router"]["kernel"], src[f"model.layers.{layer}.block_sparse_moe.gate.weight"].T)
+        np.testing.assert_array_equal(mlp["router"]["weight"], src[f"model.layers.{layer}.block_sparse_moe.gate.weight"])
+        attn = f"model.layers.{layer}.self_attn"
+        np.testing.assert_array_equal(params["layers"][layer]["attn"]["qkv"]["weight"],
+                                      np.concatenate([src[f"{attn}.{p}_proj.weight"] for p in "qkv"]))
+        np.testing.assert_array_equal(params["layers"][layer]["attn"]["o"]["weight"], src[f"{attn}.o_proj.weight"])
     np.testing.assert_array_equal(params["embed"]["embedding"], src["model.embed_tokens.weight"])
-    np.testing.assert_array_equal(params["lm_head"]["kernel"], src["lm_head.weight"].T)
+    np.testing.assert_array_equal(params["lm_head"]["weight"], src["lm_head.weight"])
+
+
+def test_load_params_fuses_biases_and_shared_expert(hf_checkpoints, converted):
+    """Qwen2-MoE: q/k/v biases fused like their weights; gate and up fused in the shared expert and
+    in dense layers' MLPs."""
+    _, hf_dir = hf_checkpoints["qwen2_moe"]
+    src = source_tensors(hf_dir)
+    config = ckpt.load_config(converted["qwen2_moe"])
+    params = ckpt.load_params(converted["qwen2_moe"], place=np.asarray)
+    for layer in range(config.num_layers):
+        attn = f"model.layers.{layer}.self_attn"
+        np.testing.assert_array_equal(params["layers"][layer]["attn"]["qkv"]["bias"],
+                                      np.concatenate([src[f"{attn}.{p}_proj.bias"] for p in "qkv"]))
+        mlp = params["layers"][layer]["mlp"]
+        theirs = f"model.layers.{layer}.mlp"
+        if config.moe_layers[layer]:
+            mlp, theirs = mlp["shared"], f"{theirs}.shared_expert"
+        np.testing.assert_array_equal(mlp["gate_up"]["weight"], np.concatenate(
+            [src[f"{theirs}.gate_proj.weight"], src[f"{theirs}.up_proj.weight"]]))
+        np.testing.assert_array_equal(mlp["down"]["weight"], src[f"{theirs}.down_proj.weight"])
+    assert not all(config.moe_layers) and any(config.moe_layers)  # both kinds of MLP checked
 
 
 def test_tokenizer_files_are_copied(hf_checkpoints, tmp_path):
@@ -537,3 +563,12 @@ def test_conversion_streams_one_unit_at_a_time(hf_checkpoints, tmp_path, monkeyp
     assert largest_unit < total / 4
     assert sorted(reads) == sorted(src)
     assert not lingering, f"source arrays kept alive during writes: {lingering[:5]}"
+
+
+def test_older_checkpoint_format_asks_for_a_new_conversion(converted, tmp_path):
+    fake = shutil.copytree(converted["mixtral"], tmp_path / "fake")
+    manifest = json.loads((fake / ckpt.MANIFEST).read_text())
+    manifest["version"] = ckpt.FORMAT_VERSION - 1
+    (fake / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ckpt.CheckpointError, match="older jaxmoe.*jaxmoe convert"):
+        ckpt.load_params(fake)

@@ -4,8 +4,9 @@ A family module supplies `config_from_hf(hf_config, dtype)` and a tensor map: a 
 `TensorSpec(ours, theirs, transpose)` with `{layer}`/`{expert}` already filled in. `ours` is a
 dotted path in the checkpoint jaxmoe writes: the model's own parameter path, except that routed
 experts are stored as `layers.{l}.mlp.experts.{e}.gate`, `.up` and `.down`, each [I, D] (see
-`transformer.Expert`); `theirs` is the tensor name in the safetensors files. Linear kernels are stored [in, out] by Flax and [out, in] by PyTorch, hence
-`transpose`.
+`transformer.Expert`), and fused linears (q/k/v, gate/up) kept apart; `theirs` is the tensor name
+in the safetensors files. Linear weights keep PyTorch's [out, in]; `transpose` is set only for an
+expert's down projection, stored [I, D] like its gate and up.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def attention_tensors(c: ModelConfig, layer: int) -> list[TensorSpec]:
         TensorSpec(f"{dst}.mlp_norm.scale", f"{src}.post_attention_layernorm.weight", False),
     ]
     for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
-        specs.append(TensorSpec(f"{dst}.attn.{ours}.kernel", f"{src}.self_attn.{theirs}.weight", True))
+        specs.append(TensorSpec(f"{dst}.attn.{ours}.weight", f"{src}.self_attn.{theirs}.weight", False))
         if (c.qkv_bias and ours != "o") or (c.o_bias and ours == "o"):
             specs.append(TensorSpec(f"{dst}.attn.{ours}.bias", f"{src}.self_attn.{theirs}.bias", False))
     if c.qk_norm != "none":
@@ -105,7 +106,7 @@ def attention_tensors(c: ModelConfig, layer: int) -> list[TensorSpec]:
 
 
 def dense_mlp_tensors(ours: str, theirs: str) -> list[TensorSpec]:
-    return [TensorSpec(f"{ours}.{p}.kernel", f"{theirs}.{p}_proj.weight", True) for p in ("gate", "up", "down")]
+    return [TensorSpec(f"{ours}.{p}.weight", f"{theirs}.{p}_proj.weight", False) for p in ("gate", "up", "down")]
 
 
 def expert_tensors(c: ModelConfig, layer: int, theirs: str, names: tuple[str, str, str]) -> list[TensorSpec]:
@@ -130,7 +131,7 @@ def outer_tensors(c: ModelConfig) -> list[TensorSpec]:
         TensorSpec("final_norm.scale", "model.norm.weight", False),
     ]
     if not c.tie_word_embeddings:
-        specs.append(TensorSpec("lm_head.kernel", "lm_head.weight", True))
+        specs.append(TensorSpec("lm_head.weight", "lm_head.weight", False))
     return specs
 
 
@@ -145,9 +146,9 @@ def moe_tensor_map(c: ModelConfig, block: str, expert_names: tuple[str, str, str
         if not c.moe_layers[layer]:
             specs += dense_mlp_tensors(ours, f"model.layers.{layer}.mlp")
             continue
-        specs.append(TensorSpec(f"{ours}.router.kernel", f"{theirs}.gate.weight", True))
+        specs.append(TensorSpec(f"{ours}.router.weight", f"{theirs}.gate.weight", False))
         specs += expert_tensors(c, layer, theirs, expert_names)
         if c.shared_expert_intermediate_size:
             specs += dense_mlp_tensors(f"{ours}.shared", f"{theirs}.shared_expert")
-            specs.append(TensorSpec(f"{ours}.shared_gate.kernel", f"{theirs}.shared_expert_gate.weight", True))
+            specs.append(TensorSpec(f"{ours}.shared_gate.weight", f"{theirs}.shared_expert_gate.weight", False))
     return specs

@@ -9,12 +9,22 @@ new tokens' keys and values at `start` and attends causally over the whole stati
 prefill (T = prompt bucket) and decode (T = 1) share one code path and never change shape.
 Routed-expert computation is delegated to `MoEBlock.experts_fn`, the seam the offload runtime
 uses to run experts out of a device cache instead of resident weights.
+
+Weight layout. Every linear weight is [out, in], as PyTorch stores it, and is applied as
+x @ w.T: the form XLA on CPU spreads over both cores (`matvec_chain_f32` in
+bench/results/decode_cpu.json). Products that read the same input are fused into one matrix
+(`FusedLinear`: attention's q/k/v, an MLP's gate/up), one product instead of several; converted
+checkpoints keep Hugging Face's tensors apart, and `params_from_checkpoint` /
+`checkpoint_shapes` translate between the two, in this one place.
 """
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from jaxmoe.config import ModelConfig
@@ -60,8 +70,31 @@ class RMSNorm(nnx.Module):
         return self.scale[...] * y.astype(x.dtype)
 
 
-def _linear(d_in, d_out, bias, dtype, rngs):
-    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+class Linear(nnx.Module):
+    """y = x @ weight.T (+ bias), weight [out, in]."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool, dtype, rngs: nnx.Rngs):
+        scale = d_in**-0.5  # initial values matter only for models built without a checkpoint
+        self.weight = nnx.Param(jax.random.uniform(rngs.params(), (d_out, d_in), dtype, -scale, scale))
+        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+
+    def __call__(self, x):
+        y = x @ self.weight[...].T
+        return y if self.bias is None else y + self.bias[...]
+
+
+class FusedLinear(Linear):
+    """Several linear layers on the same input as one product: `parts` names each layer (its name
+    in the checkpoint, a sibling of this module) and its output width, in order along `out`."""
+
+    def __init__(self, d_in: int, parts: tuple[tuple[str, int], ...], bias: bool, dtype, rngs: nnx.Rngs):
+        super().__init__(d_in, sum(n for _, n in parts), bias, dtype, rngs)
+        self.parts = parts
+
+    def split(self, y):
+        """The product's output [..., out] -> one array per part."""
+        bounds = np.cumsum([n for _, n in self.parts])[:-1]
+        return jnp.split(y, bounds, axis=-1)
 
 
 def rope(x, positions, theta: float):
@@ -79,10 +112,9 @@ class Attention(nnx.Module):
     def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
         dt, d = c.jnp_dtype, c.hidden_size
         self.c = c
-        self.q = _linear(d, c.num_heads * c.head_dim, c.qkv_bias, dt, rngs)
-        self.k = _linear(d, c.num_kv_heads * c.head_dim, c.qkv_bias, dt, rngs)
-        self.v = _linear(d, c.num_kv_heads * c.head_dim, c.qkv_bias, dt, rngs)
-        self.o = _linear(c.num_heads * c.head_dim, d, c.o_bias, dt, rngs)
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.qkv = FusedLinear(d, (("q", q), ("k", kv), ("v", kv)), c.qkv_bias, dt, rngs)
+        self.o = Linear(q, d, c.o_bias, dt, rngs)
         if c.qk_norm == "head":
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dt)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dt)
@@ -94,7 +126,7 @@ class Attention(nnx.Module):
         """x [B, T, D]; caches [B, K, S, Hd]; start: position of x[:, 0]. Returns (y, k_cache, v_cache)."""
         c = self.c
         b, t, _ = x.shape
-        q, k, v = self.q(x), self.k(x), self.v(x)
+        q, k, v = self.qkv.split(self.qkv(x))
         if c.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if c.clip_qkv is not None:
@@ -112,7 +144,7 @@ class Attention(nnx.Module):
 
         groups = c.num_heads // c.num_kv_heads
         qg = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Hd]
-        scores = jnp.einsum("bkgth,bksh->bkgts", qg, k_cache).astype(jnp.float32) * c.head_dim**-0.5
+        scores = _scores(qg, k_cache).astype(jnp.float32) * c.head_dim**-0.5
         q_pos = start + jnp.arange(t)[:, None]  # [T, 1]
         k_pos = jnp.arange(k_cache.shape[2])[None, :]  # [1, S]
         visible = k_pos <= q_pos
@@ -120,25 +152,46 @@ class Attention(nnx.Module):
             visible &= q_pos - k_pos < c.sliding_window
         scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        y = jnp.einsum("bkgts,bksh->btkgh", probs, v_cache).reshape(b, t, c.num_heads * c.head_dim)
+        y = _attend(probs, v_cache).reshape(b, t, c.num_heads * c.head_dim)
         return self.o(y), k_cache, v_cache
 
 
+# One new token (decode) multiplies and sums over the cache as stored; as a dot, XLA on CPU first
+# copied the whole cache of every layer into the dot's operand layout, each step (5% of a decode
+# step on the bench model at 256 positions, more for longer caches). Many tokens use the dot.
+
+
+def _scores(qg, k_cache):
+    """qg [B, K, G, T, Hd], k_cache [B, K, S, Hd] -> [B, K, G, T, S]."""
+    if qg.shape[3] == 1:
+        return jnp.sum(qg[:, :, :, :, None, :] * k_cache[:, :, None, None, :, :], axis=-1)
+    return jnp.einsum("bkgth,bksh->bkgts", qg, k_cache)
+
+
+def _attend(probs, v_cache):
+    """probs [B, K, G, T, S], v_cache [B, K, S, Hd] -> [B, T, K, G, Hd]."""
+    if probs.shape[3] == 1:
+        y = jnp.sum(probs[..., None] * v_cache[:, :, None, None, :, :], axis=4)  # [B, K, G, 1, Hd]
+        return y.transpose(0, 3, 1, 2, 4)
+    return jnp.einsum("bkgts,bksh->btkgh", probs, v_cache)
+
+
 class DenseMLP(nnx.Module):
+    """A dense gated MLP (dense layers, Qwen's shared expert): the same function as a routed expert."""
+
     def __init__(self, d: int, i: int, act: str, dtype, rngs: nnx.Rngs):
-        self.gate = _linear(d, i, False, dtype, rngs)
-        self.up = _linear(d, i, False, dtype, rngs)
-        self.down = _linear(i, d, False, dtype, rngs)
+        self.gate_up = FusedLinear(d, (("gate", i), ("up", i)), False, dtype, rngs)
+        self.down = Linear(i, d, False, dtype, rngs)
         self.act = act
 
     def __call__(self, x):
-        return self.down(moe_ops.ACTIVATIONS[self.act](self.gate(x)) * self.up(x))
+        return moe_ops.expert_ffn(x, self.gate_up.weight[...], self.down.weight[...], self.act)
 
 
 class Expert(nnx.Module):
     """One routed expert: gate and up stacked as `gate_up` [2I, D], and `down` [D, I] (see
-    jaxmoe.models.moe). Checkpoints keep gate, up and down apart, the layout segments are cut
-    from; `from_checkpoint` and `checkpoint_shapes` translate, in this one place."""
+    jaxmoe.models.moe). Checkpoints keep gate, up and down apart, each [I, D], the layout segments
+    are cut from (see `params_from_checkpoint`)."""
 
     CHECKPOINT_TENSORS = ("gate", "up", "down")
 
@@ -149,18 +202,6 @@ class Expert(nnx.Module):
     def weights(self):
         return self.gate_up[...], self.down[...]
 
-    @staticmethod
-    def from_checkpoint(gate, up, down) -> dict:
-        """A checkpoint's three [I, D] arrays (numpy) -> this module's parameters."""
-        gate_up, down = moe_ops.split_expert(gate, up, down, rows=gate.shape[0])[0]  # the whole expert
-        return {"gate_up": gate_up, "down": down}
-
-    @staticmethod
-    def checkpoint_shapes(params: dict) -> dict:
-        """This module's parameter shapes -> the shapes of the checkpoint's tensors."""
-        two_i, d = params["gate_up"]
-        return {"gate": (two_i // 2, d), "up": (two_i // 2, d), "down": (two_i // 2, d)}
-
 
 class MoEBlock(nnx.Module):
     """Router, routed experts (one `Expert` each) and an optional shared expert."""
@@ -168,11 +209,11 @@ class MoEBlock(nnx.Module):
     def __init__(self, c: ModelConfig, rngs: nnx.Rngs):
         dt, d, e, i = c.jnp_dtype, c.hidden_size, c.num_experts, c.moe_intermediate_size
         self.c = c
-        self.router = _linear(d, e, False, dt, rngs)
+        self.router = Linear(d, e, False, dt, rngs)
         self.experts = nnx.List([Expert(d, i, dt) for _ in range(e)])
         if c.shared_expert_intermediate_size:
             self.shared = DenseMLP(d, c.shared_expert_intermediate_size, c.hidden_act, dt, rngs)
-            self.shared_gate = _linear(d, 1, False, dt, rngs)
+            self.shared_gate = Linear(d, 1, False, dt, rngs)
 
     def routing(self, x):
         """x [N, D] -> (weights [N, k] float32, ids [N, k])."""
@@ -221,7 +262,7 @@ class Transformer(nnx.Module):
         self.layers = nnx.List([DecoderLayer(c, i, rngs) for i in range(c.num_layers)])
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dt)
         if not c.tie_word_embeddings:
-            self.lm_head = _linear(c.hidden_size, c.vocab_size, False, dt, rngs)
+            self.lm_head = Linear(c.hidden_size, c.vocab_size, False, dt, rngs)
 
     def __call__(self, tokens, start, cache: KVCache, experts_fn=None, predict_next: bool = False):
         """tokens [B, T] at positions start.. -> (hidden [B, T, D], cache, routing).
@@ -260,6 +301,56 @@ class Transformer(nnx.Module):
     def logits(self, hidden):
         """hidden [..., D] (after the final norm) -> logits [..., V] in float32."""
         return project_out(self.output_layer(), hidden)
+
+
+def fused_linears(model: Transformer) -> dict[str, FusedLinear]:
+    """Dotted module path -> FusedLinear, for every fused product in the model."""
+    return {".".join(map(str, path)): node for path, node in nnx.iter_graph(model) if isinstance(node, FusedLinear)}
+
+
+_EXPERT_GATE = re.compile(r"\.experts\.\d+\.gate$")  # a routed expert's first checkpoint tensor
+_EXPERT_GATE_UP = re.compile(r"\.experts\.\d+\.gate_up$")  # ... and its first model parameter
+
+
+def params_from_checkpoint(tensors: dict[str, np.ndarray], fused: dict[str, FusedLinear]) -> dict[str, np.ndarray]:
+    """Checkpoint tensors (dotted path -> numpy array; any subset holding whole modules, e.g. one
+    unit) -> the model's parameters: fused linears concatenated from their parts, and each routed
+    expert's gate/up/down laid out by `moe.split_expert`. `fused` is `fused_linears(model)`."""
+    out = dict(tensors)
+    for path, linear in fused.items():
+        parent = path.rpartition(".")[0]
+        for leaf in ("weight", "bias"):
+            names = [f"{parent}.{name}.{leaf}" for name, _ in linear.parts]
+            if names[0] in out:
+                out[f"{path}.{leaf}"] = np.concatenate([out.pop(n) for n in names])
+    for path in [p for p in out if _EXPERT_GATE.search(p)]:
+        prefix = path[: -len("gate")]
+        gate, up, down = (out.pop(prefix + name) for name in Expert.CHECKPOINT_TENSORS)
+        top, _ = moe_ops.split_expert(gate, up, down, rows=gate.shape[0])  # the whole expert
+        out.update({prefix + "gate_up": top[0], prefix + "down": top[1]})
+    return out
+
+
+def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Dotted checkpoint path -> shape: the model's parameter shapes with fused linears and routed
+    experts taken apart as `params_from_checkpoint` expects them."""
+    model = abstract_model(config)
+    _, state = nnx.split(model)
+    shapes = {}
+    for keys, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state)):
+        shapes[".".join(str(getattr(k, "key", k)) for k in keys)] = tuple(leaf.shape)
+    for path, linear in fused_linears(model).items():
+        parent = path.rpartition(".")[0]
+        for leaf in ("weight", "bias"):
+            shape = shapes.pop(f"{path}.{leaf}", None)
+            if shape is not None:
+                shapes.update({f"{parent}.{name}.{leaf}": (n, *shape[1:]) for name, n in linear.parts})
+    for path in [p for p in shapes if _EXPERT_GATE_UP.search(p)]:
+        prefix = path[: -len("gate_up")]
+        two_i, d = shapes.pop(path)
+        shapes.pop(prefix + "down")
+        shapes.update({prefix + name: (two_i // 2, d) for name in Expert.CHECKPOINT_TENSORS})
+    return shapes
 
 
 def project_out(output_layer, hidden):
