@@ -118,10 +118,11 @@ def measure_compute(config, kv_length: int = 1024, ratios=SPLIT_RATIOS, repeats:
     x = jax.random.normal(key, (1, 1, d), dt)
     attn = Attention(c, nnx.Rngs(0))
     graphdef, state = nnx.split(attn)
-    kc = jnp.zeros(KVCache.layer_shape(c, 1, kv_length), dt)
+    kc = jnp.zeros(KVCache.key_shape(c, 1, kv_length), dt)
+    vc = jnp.zeros(KVCache.value_shape(c, 1, kv_length), dt)
     attention = jax.jit(lambda s, x, k, v: nnx.merge(graphdef, s)(x, kv_length - 1, k, v)[0])
-    router_w = (jax.random.normal(key, (d, e), jnp.float32) * 0.02).astype(dt)
-    router = jax.jit(lambda x, w: moe_ops.route(x[0] @ w, c.top_k, c.norm_topk_prob))
+    router_w = (jax.random.normal(key, (e, d), jnp.float32) * 0.02).astype(dt)  # [out, in], as the model's
+    router = jax.jit(lambda x, w: moe_ops.route(x[0] @ w.T, c.top_k, c.norm_topk_prob))
 
     def segment(rows: int) -> float:
         gate_up = (jax.random.normal(key, (2 * rows, d), jnp.float32) * 0.02).astype(dt)
@@ -131,7 +132,7 @@ def measure_compute(config, kv_length: int = 1024, ratios=SPLIT_RATIOS, repeats:
 
     out = {
         "model": model_identity(c), "kv_length": kv_length,
-        "attention_s": _time(attention, state, x, kc, kc, repeats=repeats),
+        "attention_s": _time(attention, state, x, kc, vc, repeats=repeats),
         "router_s": _time(router, x, router_w, repeats=repeats),
         "expert_s": segment(i),
         "segment_s": {str(r): segment(max(1, round(r * i))) for r in ratios},
@@ -141,8 +142,8 @@ def measure_compute(config, kv_length: int = 1024, ratios=SPLIT_RATIOS, repeats:
         mlp = DenseMLP(d, dense, c.hidden_act, dt, nnx.Rngs(0))
         mdef, mstate = nnx.split(mlp)
         out["mlp_s"] = _time(jax.jit(lambda s, x: nnx.merge(mdef, s)(x)), mstate, x, repeats=repeats)
-    head = (jax.random.normal(key, (d, c.vocab_size), jnp.float32) * 0.02).astype(dt)
-    out["head_s"] = _time(jax.jit(lambda x, w: x[0] @ w), x, head, repeats=repeats)
+    head = (jax.random.normal(key, (c.vocab_size, d), jnp.float32) * 0.02).astype(dt)
+    out["head_s"] = _time(jax.jit(lambda x, w: x[0] @ w.T), x, head, repeats=repeats)
     return out
 
 
