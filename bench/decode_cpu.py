@@ -167,11 +167,11 @@ def matvec_bench(d: int, i: int, v: int, torch_threads: list[int], stack_bytes: 
     rng = np.random.default_rng(0)
     # (name, x shape, weight shape, "t": y = x @ w.T | "n": y = x @ w)
     cases = [
-        ("expert gate/up [1,D]x[I,D]^T (jaxmoe layout)", (1, d), (i, d), "t"),
-        ("expert down [1,I]x[I,D] (jaxmoe layout)", (1, i), (i, d), "n"),
-        ("expert down [1,I]x[D,I]^T (torch layout)", (1, i), (d, i), "t"),
-        ("lm_head [1,D]x[D,V] (jaxmoe kernel)", (1, d), (d, v), "n"),
-        ("lm_head [1,D]x[V,D]^T (torch layout)", (1, d), (v, d), "t"),
+        ("expert gate/up [1,D]x[I,D]^T (x @ w.T)", (1, d), (i, d), "t"),
+        ("expert down [1,I]x[I,D] (x @ w)", (1, i), (i, d), "n"),
+        ("expert down [1,I]x[D,I]^T (x @ w.T: jaxmoe, torch)", (1, i), (d, i), "t"),
+        ("lm_head [1,D]x[D,V] (x @ w)", (1, d), (d, v), "n"),
+        ("lm_head [1,D]x[V,D]^T (x @ w.T: jaxmoe, torch)", (1, d), (v, d), "t"),
     ]
     out = {}
     for name, xs, ws, kind in cases:
@@ -383,6 +383,65 @@ def expert_path_bench(layers: int, e: int, i: int, d: int, k: int, repeats: int 
 # -------------------------------------------------------------------------------------- models
 
 
+def partition_lag(engine, prompt: list[int], steps: int = 48) -> dict:
+    """How late XLA's second CPU thread joins a product split over both cores, from a profile of
+    `steps` decode steps. XLA runs a large product as a loop split in two: the calling thread
+    starts its half and wakes a pool thread for the other; `lag` is the time from the product's
+    start to the other thread's start of work (its next `ThreadpoolListener::StartRegion`), during
+    which one core streams weights alone. Products: events named `*dot_fusion*` of 20 us or more."""
+    import glob
+
+    import jax
+
+    with tempfile.TemporaryDirectory(prefix="xprof-") as tmp:
+        jax.profiler.start_trace(tmp)
+        t = time.perf_counter()
+        r = engine.generate(prompt_ids=prompt, max_new_tokens=steps + 1)
+        wall = time.perf_counter() - t
+        jax.profiler.stop_trace()
+        data = jax.profiler.ProfileData.from_file(sorted(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True))[-1])
+    threads = {}
+    for plane in data.planes:
+        for line in plane.lines:
+            if "XLAEigen" in line.name:
+                threads[line.name] = [(ev.start_ns, ev.duration_ns, ev.name) for ev in line.events]
+    lags, dots = [], 0
+    for name, events in threads.items():
+        others = sorted(s for other, evs in threads.items() if other != name
+                        for s, _, n in evs if n == "ThreadpoolListener::StartRegion")
+        for start, dur, n in events:
+            if "dot_fusion" not in n or dur < 20_000:
+                continue
+            dots += 1
+            joined = next((s for s in others if s >= start), None)
+            if joined is not None and joined < start + dur:
+                lags.append((joined - start) / 1e3)
+    n_steps = len(r.token_ids) - 1
+    return {
+        "profiled_decode_steps": n_steps,
+        "profiled_step_ms": round(1e3 * wall / max(1, len(r.token_ids)), 3),
+        "products_per_step": round(dots / max(1, n_steps), 1),
+        "products_joined_by_second_thread": len(lags),
+        "lag_us_median": round(statistics.median(lags), 1) if lags else None,
+        "lag_us_p90": round(float(np.percentile(lags, 90)), 1) if lags else None,
+        "lag_ms_per_step": round(sum(lags) / 1e3 / max(1, n_steps), 3),
+        "note": partition_lag.__doc__.split("\n\n")[0].replace("\n", " "),
+    }
+
+
+def one_core_decode(jm_dir: Path, prompt: list[int], n: int, repeats: int = 3) -> float:
+    """jaxmoe's decode tok/s with the process pinned to one core (affinity set before jax starts,
+    so XLA sizes its thread pool to one): what the second core adds, next to torch's 1 vs 2 threads."""
+    import subprocess
+
+    code = (f"import os, sys, statistics; os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}}); "
+            f"sys.path.insert(0, {str(Path(__file__).parent)!r}); import decode_cpu; decode_cpu._quiet(); "
+            f"r = decode_cpu.JaxmoeRunner(decode_cpu.Path({str(jm_dir)!r}), {prompt!r}, {n}); "
+            f"print(statistics.median(r._generate().decode_tokens_per_s for _ in range({repeats})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
 def build_random_model(name: str, workdir: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, MixtralConfig
@@ -563,6 +622,9 @@ def bench_model(name: str, hf_dir: Path, workdir: Path, args) -> dict:
             runner.run()
     jm = jm_runner.report()
     jm["param_count"] = jm_runner.param_count
+    print(f"[{name}] profiling jaxmoe decode steps, then jaxmoe on one core ...", flush=True)
+    lag = partition_lag(jm_runner.engine, prompt)
+    jm_one_core = one_core_decode(jm_dir, prompt, args.new_tokens)
     config = jm_runner.engine.config
     hf = {impl: runner.report() for impl, runner in hf_runners.items()}
     del jm_runner, hf_runners
@@ -594,6 +656,13 @@ def bench_model(name: str, hf_dir: Path, workdir: Path, args) -> dict:
         "jaxmoe_weights_GBps": round(gb * jm["decode_tok_s"], 2),
         "transformers_weights_GBps": round(gb * ref["decode_tok_s"], 2),
         "compile_s": jm["compile_s"],
+        "xla_partition_lag": lag,
+        "jaxmoe_one_core_tok_s": round(jm_one_core, 2),
+        "second_core_speedup": {"jaxmoe": round(jm["decode_tok_s"] / jm_one_core, 3),
+                                **{f"transformers {impl}": round(hf[f"{impl}/2thr"]["decode_tok_s"]
+                                                                 / hf[f"{impl}/1thr"]["decode_tok_s"], 3)
+                                   for impl in args.hf_experts
+                                   if f"{impl}/2thr" in hf and f"{impl}/1thr" in hf}},
         "tokens_match": all(m is None for m in mismatch.values()),
         "first_mismatch_index": mismatch,
         "jaxmoe_tokens": jm["tokens"],
@@ -705,6 +774,14 @@ def print_table(report: dict) -> None:
         print("         transformers (experts impl/torch threads): "
               + ", ".join(f"{k} {v['decode_tok_s']:.1f}" for k, v in m["transformers"].items())
               + f" tok/s; baseline = fastest ({m['transformers_baseline']})")
+        if "second_core_speedup" in m:
+            print(f"         one core: jaxmoe {m['jaxmoe_one_core_tok_s']:.1f} tok/s; second core speeds up "
+                  + ", ".join(f"{k} {v:.2f}x" for k, v in m["second_core_speedup"].items()))
+        lag = m.get("xla_partition_lag")
+        if lag and lag["lag_us_median"] is not None:
+            print(f"         XLA products split over both cores: {lag['products_per_step']:.0f}/step, second thread "
+                  f"joins after {lag['lag_us_median']:.0f} us median (p90 {lag['lag_us_p90']:.0f}), "
+                  f"{lag['lag_ms_per_step']:.2f} ms/step of one core alone (profiled step {lag['profiled_step_ms']:.2f} ms)")
     if "memory_bandwidth" in report:
         print("\nmemory bandwidth GB/s (numpy):")
         for label, r in report["memory_bandwidth"].items():
