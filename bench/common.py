@@ -190,7 +190,7 @@ def checkpoint_tensors(config: dict[str, Any]) -> list[tuple[str, tuple[int, ...
             kind = "norm"
         elif name.endswith("bias"):
             kind = "bias"
-        elif spec.ours.endswith("router.kernel") or spec.ours.endswith("shared_gate.kernel"):
+        elif spec.ours.endswith(("router.weight", "shared_gate.weight")):
             kind = "router"
         else:
             kind = "linear"
@@ -288,11 +288,11 @@ class SyntheticModel:
 def build_model(name: str, config: dict[str, Any], workdir: str | Path, seed: int = 0, std: float = 0.02,
                 router_std: float | None = None) -> SyntheticModel:
     """Random Hugging Face checkpoint and its jaxmoe conversion under `workdir/<name>-<digest>/`;
-    reused when one with the same config, seed and scales exists."""
+    reused when one with the same config, seed, scales and checkpoint format version exists."""
     from jaxmoe import checkpoint as ckpt
     from jaxmoe.convert import convert
 
-    spec = {"config": config, "seed": seed, "std": std, "router_std": router_std}
+    spec = {"config": config, "seed": seed, "std": std, "router_std": router_std, "format": ckpt.FORMAT_VERSION}
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
     root = Path(workdir) / f"{name}-{digest}"
     hf_dir, jm_dir = root / "hf", root / "jaxmoe"

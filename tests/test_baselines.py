@@ -150,6 +150,9 @@ def test_random_checkpoint_loads_in_both_worlds(tmp_path):
     assert model.dtype == torch.bfloat16 and model.model.layers[1].mlp.experts.gate_up_proj.shape == (4, 32, 32)
     config = convert(hf_dir, tmp_path / "jm", progress=False)
     assert config.num_layers == 2 and config.dtype == "bfloat16"
+    kinds = {name: kind for name, _, kind in common.checkpoint_tensors(cfg)}
+    routers = {name for name, kind in kinds.items() if kind == "router"}
+    assert routers == {f"model.layers.{layer}.mlp.gate.weight" for layer in range(2)}  # drawn as routers
 
 
 def test_harness_cpu_run(tmp_path):
