@@ -98,14 +98,15 @@ def _prefill(graphdef, state, tokens, length, cache):
     return model.logits(last), cache
 
 
-def _decode(graphdef, state, token, pos, cache, key, params, *, greedy_only: bool):
+def _decode(graphdef, state, token, pos, cache, key, params, *, greedy_only: bool, routing: bool = False):
+    """-> (next token [1], logits [1, V], cache), and with `routing` each MoE layer's expert ids."""
     model = nnx.merge(graphdef, state)
-    hidden, cache, _ = model(token[:, None], pos, cache)
+    hidden, cache, layers = model(token[:, None], pos, cache)
     logits = model.logits(hidden[:, 0])
     # The step's key is folded in here from the request's key and the position: on the host, an
     # eager fold_in is several more dispatches per token.
     nxt = greedy(logits) if greedy_only else sample(logits, jax.random.fold_in(key, pos), params)
-    return nxt, logits, cache
+    return (nxt, logits, cache, [ids for _, ids in layers]) if routing else (nxt, logits, cache)
 
 
 def _forward(graphdef, state, tokens, cache, predict_next=False):
@@ -129,8 +130,8 @@ class Engine:
         self._state_leaves, self._state_treedef = jax.tree.flatten(state)
         self._compiled: dict[tuple, Any] = {}
         self._jit_prefill = jax.jit(_on_leaves(_prefill), static_argnums=(0, 1), donate_argnums=5)
-        self._jit_decode = jax.jit(_on_leaves(_decode), static_argnums=(0, 1), static_argnames="greedy_only",
-                                   donate_argnums=5)
+        self._jit_decode = jax.jit(_on_leaves(_decode), static_argnums=(0, 1),
+                                   static_argnames=("greedy_only", "routing"), donate_argnums=5)
         self._jit_forward = jax.jit(_forward, static_argnums=0, static_argnames="predict_next")
 
     @classmethod
@@ -142,10 +143,11 @@ class Engine:
 
     # -- compiled functions ------------------------------------------------------------------------
 
-    def _compiled_fn(self, key: tuple, jitted, *args, **static) -> Callable:
-        """Compile once per key; the result takes the parameter leaves and then `args`."""
+    def _compiled_fn(self, key: tuple, jitted, *args, leaves=None, **static) -> Callable:
+        """Compile once per key; the result takes the parameter leaves (default: the engine's
+        own; others of the same tree structure may be given) and then `args`."""
         if key not in self._compiled:
-            self._compiled[key] = jitted.lower(self.graphdef, self._state_treedef, self._state_leaves,
+            self._compiled[key] = jitted.lower(self.graphdef, self._state_treedef, leaves or self._state_leaves,
                                                *args, **static).compile()
         return self._compiled[key]
 

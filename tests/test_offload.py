@@ -92,27 +92,33 @@ def test_full_budget_never_moves_experts_after_loading(converted):
 
 
 def test_layers_that_cannot_miss_skip_the_round_trip_with_the_same_accounting(converted, monkeypatch):
-    """At full budget every layer runs in one call without reading its routing first; hit and
-    traffic counters come out as if each layer had made the round trip (no prefetch guesses are
-    made, there being nothing to prefetch)."""
+    """At full budget a decode step is one call (the resident model's step over the cached
+    segments), or, with that path off, one call per layer without reading its routing first; hit
+    and traffic counters come out as if each layer had made the round trip (no prefetch guesses
+    are made, there being nothing to prefetch)."""
     config = Engine.from_dir(converted["mixtral"]).config
     runs = {}
-    for fast in (True, False):
+    for mode in ("one call", "per layer", "round trip"):
         engine = _offload(converted["mixtral"], config, 1.0, 1.0, "lru", True)
         assert set(engine._resident_experts) == set(config.moe_layer_ids)
         calls = []
         original = OffloadEngine._runs_resident
         monkeypatch.setattr(OffloadEngine, "_runs_resident",
-                            lambda self, l, d: calls.append(l) or (fast and original(self, l, d)))
-        runs[fast] = engine.generate(prompt_ids=_prompt(), max_new_tokens=10, return_logits=True)
+                            lambda self, l, d: calls.append(l) or (mode != "round trip" and original(self, l, d)))
+        if mode == "per layer":
+            monkeypatch.setattr(OffloadEngine, "_decodes_in_one_call", lambda self: False)
+        runs[mode] = engine.generate(prompt_ids=_prompt(), max_new_tokens=10, return_logits=True)
         assert calls  # every MoE layer asked
+        assert any(key[0] == "decode-cached" for key in engine._compiled) == (mode == "one call")
         monkeypatch.undo()
-    fast, slow = runs[True], runs[False]
-    assert fast.token_ids == slow.token_ids
-    assert max_rel_err(fast.extra["logits"], slow.extra["logits"]) < 1e-5
-    for key in ("cache_hits", "cache_misses", "hit_rate", "bytes_h2d", "prefill_cache_hits"):
-        assert fast.extra[key] == slow.extra[key], key
-    assert fast.extra["cache_hits"] > 0
+    slow = runs["round trip"]
+    for mode in ("one call", "per layer"):
+        fast = runs[mode]
+        assert fast.token_ids == slow.token_ids
+        assert max_rel_err(fast.extra["logits"], slow.extra["logits"]) < 1e-5
+        for key in ("cache_hits", "cache_misses", "hit_rate", "bytes_h2d", "prefill_cache_hits"):
+            assert fast.extra[key] == slow.extra[key], (mode, key)
+    assert slow.extra["cache_hits"] > 0
 
 
 def test_bytes_counter_equals_the_bytes_actually_put_on_the_device(converted, monkeypatch):

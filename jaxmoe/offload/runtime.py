@@ -10,7 +10,9 @@ experts move while this layer's experts and the next attention compute. Every bu
 fixed by the plan before the first compile; slot numbers and expert ids are traced arrays, so a
 new routing decision never recompiles. A layer whose cache holds every expert whole can never
 miss: it runs as one call on its cached segments, like the resident model, with no round trip,
-and its routing is accounted once the step has run.
+and its routing is accounted once the step has run. When every MoE layer's cache holds every
+expert whole, a decode step is the resident model's compiled step over the cached segments: one
+call, accounted after it.
 
 Why not one jit per token with data-dependent slices of host arrays inside it: policies would
 have to live in XLA (and again, differently, in the simulator), fetching "only the misses" needs
@@ -46,7 +48,7 @@ from jaxmoe import checkpoint as ckpt
 from jaxmoe.config import ModelConfig
 from jaxmoe.engine import Engine, GenerationResult, _load_tokenizer
 from jaxmoe.models.moe import expert_ffn, experts_auto, split_expert, switch_expert
-from jaxmoe.models.transformer import KVCache, project_out
+from jaxmoe.models.transformer import KVCache, abstract_model, project_out
 from jaxmoe.offload import plan as planning
 from jaxmoe.offload import policies
 from jaxmoe.offload.cache import Counters, build_controllers
@@ -225,6 +227,18 @@ class OffloadEngine(Engine):
                            for e in range(config.num_experts))
             for p in plan.layers if p.slots >= config.num_experts and p.split_rows == config.moe_intermediate_size}
         self._layer_fns = [self._bind_layer(l) for l in range(config.num_layers)]
+        # Every expert of every MoE layer cached whole: the model's parameters with the cached
+        # segments in the experts' places, for the one-call decode step (same tree as self.state).
+        self._cached_model_leaves = None
+        if len(self._resident_experts) == len(self.controllers):
+            for l, segments in self._resident_experts.items():
+                params["layers"][l]["mlp"]["experts"] = {
+                    e: {"gate_up": gate_up, "down": down} for e, (gate_up, down) in enumerate(segments)}
+            _, state = nnx.split(abstract_model(config))
+            nnx.replace_by_pure_dict(state, params)
+            leaves, treedef = jax.tree.flatten(state)
+            assert treedef == self._state_treedef
+            self._cached_model_leaves = leaves
         self._inflight_tops: dict[int, dict[int, Segment]] = {l: {} for l in self.controllers}
         self._inflight_bottoms: dict[int, dict[int, Segment]] = {l: {} for l in self.controllers}
         self._predicted: dict[int, list[int]] = {}
@@ -339,13 +353,22 @@ class OffloadEngine(Engine):
                     self._inflight_tops[nl][e] = self._fetch(self.store.top[nl][e])
                 for e in bottoms:
                     self._inflight_bottoms[nl][e] = self._fetch(self.store.bottom[nl][e])
-        for l, ids in unaccounted:  # the same bookkeeping as a round trip, once the step has run
-            chosen = np.asarray(ids)[:valid]
-            if l in self._predicted:
-                self.controllers[l].score_prediction(self._predicted.pop(l), chosen[0].tolist())
-            self.controllers[l].step([row.tolist() for row in chosen], self._now)
+        for l, ids in unaccounted:
+            self._account(l, ids, valid)
         self._now += valid
         return x, KVCache(k=tuple(ks), v=tuple(vs))
+
+    def _account(self, l: int, ids, valid: int) -> None:
+        """The bookkeeping of a round trip, for layer l run without one, once the step has run."""
+        chosen = np.asarray(ids)[:valid]
+        if l in self._predicted:
+            self.controllers[l].score_prediction(self._predicted.pop(l), chosen[0].tolist())
+        self.controllers[l].step([row.tolist() for row in chosen], self._now)
+
+    def _decodes_in_one_call(self) -> bool:
+        """Whether a decode step can be the resident model's step over the cached segments."""
+        return self._cached_model_leaves is not None and all(
+            self._runs_resident(l, True) for l in self.controllers)
 
     # -- Engine hooks --------------------------------------------------------------------------------
 
@@ -359,8 +382,17 @@ class OffloadEngine(Engine):
             return self._head(x[:, n - 1]), cache
 
         def decode(token, pos, cache, key, sampling):
-            x, cache = self._layers(self._embed(token[:, None]), pos, cache, 1, decoding=True)
             self.counters.tokens += 1
+            if self._decodes_in_one_call():
+                step = self._compiled_fn(("decode-cached", cache_len, greedy_only), self._jit_decode, token, pos, cache,
+                                         key, sampling, leaves=self._cached_model_leaves,
+                                         greedy_only=greedy_only, routing=True)
+                token, logits, cache, routing = step(self._cached_model_leaves, token, pos, cache, key, sampling)
+                for l, ids in zip(self.config.moe_layer_ids, routing):
+                    self._account(l, ids, 1)
+                self._now += 1
+                return token, logits, cache
+            x, cache = self._layers(self._embed(token[:, None]), pos, cache, 1, decoding=True)
             logits = self._head(x[:, 0])
             return _choose(logits, key, pos, sampling, greedy_only=greedy_only), logits, cache
 
