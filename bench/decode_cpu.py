@@ -421,7 +421,7 @@ def partition_lag(engine, prompt: list[int], steps: int = 48) -> dict:
         "profiled_decode_steps": n_steps,
         "profiled_step_ms": round(1e3 * wall / max(1, len(r.token_ids)), 3),
         "products_per_step": round(dots / max(1, n_steps), 1),
-        "products_joined_by_second_thread": len(lags),
+        "products_joined_by_second_thread_per_step": round(len(lags) / max(1, n_steps), 1),
         "lag_us_median": round(statistics.median(lags), 1) if lags else None,
         "lag_us_p90": round(float(np.percentile(lags, 90)), 1) if lags else None,
         "lag_ms_per_step": round(sum(lags) / 1e3 / max(1, n_steps), 3),
