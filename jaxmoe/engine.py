@@ -91,6 +91,13 @@ def _on_leaves(fn):
     return on_leaves
 
 
+def model_state(config: ModelConfig, params: dict):
+    """(graph definition, parameter State) of the model, the State filled from a pure-dict tree."""
+    graphdef, state = nnx.split(abstract_model(config))
+    nnx.replace_by_pure_dict(state, params)
+    return graphdef, state
+
+
 def _prefill(graphdef, state, tokens, length, cache):
     model = nnx.merge(graphdef, state)
     hidden, cache, _ = model(tokens, 0, cache)
@@ -124,8 +131,7 @@ class Engine:
         self.config = config
         self.tokenizer = tokenizer
         self.model_dir = model_dir
-        self.graphdef, state = nnx.split(abstract_model(config))
-        nnx.replace_by_pure_dict(state, params)
+        self.graphdef, state = model_state(config, params)
         self.state = state
         self._state_leaves, self._state_treedef = jax.tree.flatten(state)
         self._compiled: dict[tuple, Any] = {}

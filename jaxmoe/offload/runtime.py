@@ -46,9 +46,9 @@ from jax.sharding import SingleDeviceSharding
 
 from jaxmoe import checkpoint as ckpt
 from jaxmoe.config import ModelConfig
-from jaxmoe.engine import Engine, GenerationResult, _load_tokenizer
+from jaxmoe.engine import Engine, GenerationResult, _load_tokenizer, model_state
 from jaxmoe.models.moe import expert_ffn, experts_auto, split_expert, switch_expert
-from jaxmoe.models.transformer import KVCache, abstract_model, project_out
+from jaxmoe.models.transformer import KVCache, project_out
 from jaxmoe.offload import plan as planning
 from jaxmoe.offload import policies
 from jaxmoe.offload.cache import Counters, build_controllers
@@ -234,9 +234,7 @@ class OffloadEngine(Engine):
             for l, segments in self._resident_experts.items():
                 params["layers"][l]["mlp"]["experts"] = {
                     e: {"gate_up": gate_up, "down": down} for e, (gate_up, down) in enumerate(segments)}
-            _, state = nnx.split(abstract_model(config))
-            nnx.replace_by_pure_dict(state, params)
-            leaves, treedef = jax.tree.flatten(state)
+            leaves, treedef = jax.tree.flatten(model_state(config, params)[1])
             assert treedef == self._state_treedef
             self._cached_model_leaves = leaves
         self._inflight_tops: dict[int, dict[int, Segment]] = {l: {} for l in self.controllers}
