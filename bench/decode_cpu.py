@@ -241,14 +241,9 @@ def matvec_chain_bench(d: int, sizes_mb=(2, 4), total_bytes: int = 768 << 20) ->
     with XLA pinned to one core (a subprocess with its affinity set before jax starts), and with
     numpy (its BLAS, multi-threaded) for comparison.
     """
-    import subprocess
-
     out = {"d": d, "sizes_mb": list(sizes_mb), "xla_all_cores_GBps": _chain_xla(d, sizes_mb, total_bytes)}
-    code = (f"import os, sys, json; os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}}); "
-            f"sys.path.insert(0, {str(Path(__file__).parent)!r}); import decode_cpu; "
-            f"print(json.dumps(decode_cpu._chain_xla({d}, {list(sizes_mb)}, {total_bytes})))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    out["xla_one_core_GBps"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["xla_one_core_GBps"] = json.loads(_on_one_core(
+        f"json.dumps(decode_cpu._chain_xla({d}, {list(sizes_mb)}, {total_bytes}))"))
     out["numpy_all_cores_GBps"] = _chain_numpy(d, sizes_mb, total_bytes)
     return out
 
@@ -432,14 +427,20 @@ def partition_lag(engine, prompt: list[int], steps: int = 48) -> dict:
 def one_core_decode(jm_dir: Path, prompt: list[int], n: int, repeats: int = 3) -> float:
     """jaxmoe's decode tok/s with the process pinned to one core (affinity set before jax starts,
     so XLA sizes its thread pool to one): what the second core adds, next to torch's 1 vs 2 threads."""
+    return float(_on_one_core(
+        f"statistics.median(decode_cpu.JaxmoeRunner(decode_cpu.Path({str(jm_dir)!r}), {prompt!r}, {n})"
+        f"._generate().decode_tokens_per_s for _ in range({repeats}))", setup="decode_cpu._quiet()"))
+
+
+def _on_one_core(expression: str, setup: str = "pass") -> str:
+    """Print `expression` (Python, with this module imported as decode_cpu) in a subprocess whose
+    affinity is set to one core before jax starts; returns what it printed."""
     import subprocess
 
-    code = (f"import os, sys, statistics; os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}}); "
-            f"sys.path.insert(0, {str(Path(__file__).parent)!r}); import decode_cpu; decode_cpu._quiet(); "
-            f"r = decode_cpu.JaxmoeRunner(decode_cpu.Path({str(jm_dir)!r}), {prompt!r}, {n}); "
-            f"print(statistics.median(r._generate().decode_tokens_per_s for _ in range({repeats})))")
+    code = (f"import os, sys, json, statistics; os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}}); "
+            f"sys.path.insert(0, {str(Path(__file__).parent)!r}); import decode_cpu; {setup}; print({expression})")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(proc.stdout.strip().splitlines()[-1])
+    return proc.stdout.strip().splitlines()[-1]
 
 
 def build_random_model(name: str, workdir: Path) -> Path:
