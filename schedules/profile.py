@@ -11,7 +11,7 @@ JSON file (format `jaxmoe-profile`, version 1):
      "launch_s": 2e-05,                # one dispatched device call from Python
      "sync_s": 3e-05,                  # one device->host read of the router's choice (once per MoE layer)
      "models": [{"model": {model identity}, "kv_length": 1024, "attention_s": ..., "router_s": ...,
-                 "expert_s": ..., "segment_s": {"0.25": ..., ...}, "mlp_s": ..., "head_s": ...}]}
+                 "expert_s": ..., "mlp_s": ..., "head_s": ...}]}
 
 `models` holds compute times measured at a model's real shapes (random weights); a model not
 listed gets roofline estimates: bytes read / memory_bandwidth_Bps, because decoding one token
@@ -35,7 +35,6 @@ import numpy as np
 PROFILE_FORMAT = "jaxmoe-profile"
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 DEFAULT_SIZES = (2**16, 2**18, 2**20, 2**22, 2**24, 2**26)
-SPLIT_RATIOS = (0.25, 0.5, 0.75)
 
 
 class ProfileError(ValueError):
@@ -102,7 +101,7 @@ def measure_h2d(sizes=DEFAULT_SIZES, repeats: int = 5) -> list[tuple[int, float]
     return points
 
 
-def measure_compute(config, kv_length: int = 1024, ratios=SPLIT_RATIOS, repeats: int = 5) -> dict[str, Any]:
+def measure_compute(config, kv_length: int = 1024, repeats: int = 5) -> dict[str, Any]:
     """Decode-step compute times of one layer at the model's real shapes, random weights."""
     import jax
     import jax.numpy as jnp
@@ -124,18 +123,16 @@ def measure_compute(config, kv_length: int = 1024, ratios=SPLIT_RATIOS, repeats:
     router_w = (jax.random.normal(key, (e, d), jnp.float32) * 0.02).astype(dt)  # [out, in], as the model's
     router = jax.jit(lambda x, w: moe_ops.route(x[0] @ w.T, c.top_k, c.norm_topk_prob))
 
-    def segment(rows: int) -> float:
-        gate_up = (jax.random.normal(key, (2 * rows, d), jnp.float32) * 0.02).astype(dt)
-        down = (jax.random.normal(key, (d, rows), jnp.float32) * 0.02).astype(dt)
-        fn = jax.jit(lambda x, gate_up, down: moe_ops.expert_ffn(x[0], gate_up, down, c.hidden_act))
-        return _time(fn, x, gate_up, down, repeats=repeats)
-
+    # One whole expert: the cost model charges a split expert's top and bottom segments together
+    # the same as the whole (the same rows are read), so segments are not timed apart.
+    gate_up = (jax.random.normal(key, (2 * i, d), jnp.float32) * 0.02).astype(dt)
+    down = (jax.random.normal(key, (d, i), jnp.float32) * 0.02).astype(dt)
+    expert = jax.jit(lambda x, gate_up, down: moe_ops.expert_ffn(x[0], gate_up, down, c.hidden_act))
     out = {
         "model": model_identity(c), "kv_length": kv_length,
         "attention_s": _time(attention, state, x, kc, vc, repeats=repeats),
         "router_s": _time(router, x, router_w, repeats=repeats),
-        "expert_s": segment(i),
-        "segment_s": {str(r): segment(max(1, round(r * i))) for r in ratios},
+        "expert_s": _time(expert, x, gate_up, down, repeats=repeats),
     }
     dense = c.intermediate_size if not all(c.moe_layers) else c.shared_expert_intermediate_size
     if dense:
@@ -165,14 +162,13 @@ def measure_overheads(repeats: int = 20) -> tuple[float, float]:
     return launch, float(np.median(sync))
 
 
-def measure_profile(configs, name: str, kv_length: int = 1024, sizes=DEFAULT_SIZES, repeats: int = 5,
-                    ratios=SPLIT_RATIOS) -> dict[str, Any]:
+def measure_profile(configs, name: str, kv_length: int = 1024, sizes=DEFAULT_SIZES, repeats: int = 5) -> dict[str, Any]:
     """A measured profile of the current default device for `configs` (one layer each)."""
     import jax
 
     points = measure_h2d(sizes, repeats)
     latency, bandwidth = fit_transfer(points)
-    models = [measure_compute(c, kv_length, ratios, repeats) for c in configs]
+    models = [measure_compute(c, kv_length, repeats) for c in configs]
     # Effective memory bandwidth of a whole expert's matvec: the roofline for unmeasured models.
     mem_bw = max(c.expert_bytes() / m["expert_s"] for c, m in zip(configs, models))
     launch, sync = measure_overheads(max(repeats, 5))

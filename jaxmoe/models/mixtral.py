@@ -35,4 +35,3 @@ PRESETS = {
         sliding_window=None, tie_word_embeddings=False, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2,
     ),
 }
-PUBLISHED_PARAMS = {"mixtral-8x7b": 46_702_792_704}

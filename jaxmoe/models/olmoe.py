@@ -41,4 +41,3 @@ PRESETS = {
         bos_token_id=None, eos_token_id=50279,
     ),
 }
-PUBLISHED_PARAMS = {"olmoe-1b-7b": 6_919_161_856}

@@ -43,4 +43,3 @@ PRESETS = {
         bos_token_id=151643, eos_token_id=151643,
     ),
 }
-PUBLISHED_PARAMS = {"qwen1.5-moe-a2.7b": 14_315_784_192}

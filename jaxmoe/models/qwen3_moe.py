@@ -44,4 +44,3 @@ PRESETS = {
         bos_token_id=151643, eos_token_id=151645,
     ),
 }
-PUBLISHED_PARAMS = {"qwen3-30b-a3b": 30_532_122_624}

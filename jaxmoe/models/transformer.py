@@ -48,18 +48,11 @@ class KVCache:
         return (batch, config.num_kv_heads, length, config.head_dim)
 
     @classmethod
-    def zeros(cls, config: ModelConfig, batch: int, length: int, sharding=None) -> KVCache:
+    def zeros(cls, config: ModelConfig, batch: int, length: int) -> KVCache:
         def z(shape):
-            return tuple(jnp.zeros(shape, config.jnp_dtype, device=sharding) for _ in range(config.num_layers))
+            return tuple(jnp.zeros(shape, config.jnp_dtype) for _ in range(config.num_layers))
 
         return cls(k=z(cls.key_shape(config, batch, length)), v=z(cls.value_shape(config, batch, length)))
-
-    @property
-    def length(self) -> int:
-        return self.v[0].shape[2]
-
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.k + self.v)
 
 
 class RMSNorm(nnx.Module):

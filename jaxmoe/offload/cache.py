@@ -150,7 +150,7 @@ class LayerController:
         self.pending_bottoms.clear()  # unused prefetched bottoms are dropped
         return chunks
 
-    def prefetch(self, predicted: list[int], now: int, actual_next: list[int] | None = None) -> tuple[list[tuple[int, int]], list[int]]:
+    def prefetch(self, predicted: list[int], now: int) -> tuple[list[tuple[int, int]], list[int]]:
         """Start moving a predicted next step's experts; returns (top fetches, bottom fetches)."""
         c = self.counters
         predicted = sorted(set(predicted))

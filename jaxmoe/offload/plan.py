@@ -62,9 +62,6 @@ class OffloadPlan:
     policy: str = "lru"
     prefetch: bool = True
 
-    def layer(self, index: int) -> LayerPlan:
-        return next(p for p in self.layers if p.layer == index)
-
     def to_json(self, config: ModelConfig) -> dict:
         return {
             "kv_length": self.kv_length, "policy": self.policy, "prefetch": self.prefetch,
