@@ -5,28 +5,13 @@
     model.generate(...)
     offload.decode.snapshot()  # hits, misses, bytes moved ...
 
-What it does, for the transformers MoE families whose experts are one fused module
-(`mlp.experts.gate_up_proj [E, 2I, D]`, `mlp.experts.down_proj [E, D, I]`: Mixtral, Qwen2/3-MoE, OLMoE):
-- every routed expert's weights stay in pinned host memory (`ExpertStore`, one [E, ...] tensor per
-  matrix and layer, so an expert is one contiguous slice);
-- everything else moves to the device;
-- each MoE layer gets a device cache of C expert slots with LRU eviction (`LayerCache`);
-- each layer's `mlp.experts` module is swapped for `CachedExperts` (same forward signature:
-  hidden states, top-k ids, top-k weights); it reads the chosen ids (one device->host sync per
-  layer), copies the missing experts into slots, then computes from the slots;
-- copies are `non_blocking` on a side CUDA stream; a CUDA event per slot says when its copy is
-  done (compute waits on it) and another when the compute reading it is done (a later copy into the
-  slot waits on that);
-- speculative loading while decoding: after issuing layer l's demand copies and before computing
-  its experts, the next MoE layer's router is applied to layer l's hidden state (the residual stream
-  after attention, normalised by the next layer's `post_attention_layernorm`, as jaxmoe does) and
-  the predicted experts that are missing start copying into the next layer's cache.
-A prompt that needs more experts than a layer holds is computed in groups of at most C experts.
-On a CPU the "device" is the CPU: there are no streams or events and copies are plain copies, so
-the same code runs (and is tested for exactness against transformers) anywhere.
-
-Nothing inside transformers is patched: the experts modules are replaced, and the residual stream
-is read with a forward pre-hook on `post_attention_layernorm`.
+For the transformers families whose experts are one fused module (`mlp.experts.gate_up_proj`,
+`down_proj`: Mixtral, Qwen2/3-MoE, OLMoE): routed experts stay in pinned host memory, each MoE
+layer gets a device cache of C slots with LRU eviction, copies run on a side CUDA stream guarded
+by per-slot events, and while decoding the next layer's router guesses its experts from this
+layer's hidden state and starts copying the missing ones (as jaxmoe does). On a CPU the same code
+runs with plain copies, so it is tested for exactness against transformers anywhere. Method:
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -315,6 +300,15 @@ class ExpertOffload:
     def reset_counters(self) -> None:
         self.prefill, self.decode = Counters(), Counters()
         self.routing = {}
+
+    def report(self) -> dict:
+        """Decode figures under the names jaxmoe reports them."""
+        d = self.decode
+        guessed = self.prefetch and d.predicted > 0
+        return {"bytes_h2d_per_token": d.bytes_h2d / max(d.tokens, 1), "hit_rate": d.hits / max(d.hits + d.misses, 1),
+                "cache_hits": d.hits, "cache_misses": d.misses, "prefill_bytes_h2d": self.prefill.bytes_h2d,
+                "prefetch_precision": d.predicted_used / d.predicted if guessed else None,
+                "prefetch_recall": d.predicted_used / max(d.predicted_needed, 1) if guessed else None}
 
     def remove_hooks(self) -> None:
         for h in self._hooks:
