@@ -182,3 +182,21 @@ def test_schedule_round_trip_and_refusal_for_another_model(converted, tmp_path):
     other = config.replace(num_experts=config.num_experts + 1)
     with pytest.raises(planning.BudgetError, match="another model"):
         planning.read_schedule(tmp_path / "s.json", other)
+
+
+def test_compiled_layer_functions_go_with_their_engine(converted):
+    """Nothing module-level keeps an engine's compiled functions (or the graph definitions they
+    bind) once the engine is gone; within an engine, layers of equal structure share them."""
+    import gc
+    import weakref
+
+    config = Engine.from_dir(converted["mixtral"]).config
+    engine = _offload(converted["mixtral"], config, 0.5, 1.0, "lru", True)
+    engine.generate(prompt_ids=_prompt(), max_new_tokens=4)
+    assert engine._layer_fns[0][True].func is engine._layer_fns[1][True].func  # equal structure, one jit
+    jitted = {id(f.func): f.func for fns in engine._layer_fns for f in fns.values()}
+    refs = [weakref.ref(engine), weakref.ref(engine._embed.func), weakref.ref(engine._head.func)]
+    refs += [weakref.ref(f) for f in jitted.values()]
+    del engine, jitted
+    gc.collect()
+    assert [r() for r in refs] == [None] * len(refs)

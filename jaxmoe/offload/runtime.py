@@ -89,8 +89,8 @@ class HostExpertStore:
 
 
 # -- per-layer device functions ------------------------------------------------------------------
-# Graph definitions are bound with functools.partial when an engine is built (see `_jitted`), not
-# passed as static arguments, so no call hashes a module graph.
+# Graph definitions are bound with functools.partial when an engine is built (see
+# `OffloadEngine._jitted`), not passed as static arguments, so no call hashes a module graph.
 
 
 def _attn_router(layer_def, next_def, layer_state, next_state, x, start, k, v):
@@ -167,13 +167,6 @@ def _choose(logits, key, pos, sampling, *, greedy_only: bool):
     return greedy(logits) if greedy_only else sample(logits, jax.random.fold_in(key, pos), sampling)
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted(fn, *static, donate: tuple[int, ...] = ()):
-    """`fn` with its leading static arguments bound, jitted once per distinct binding (layers with
-    equal structure share compiled code)."""
-    return jax.jit(functools.partial(fn, *static), donate_argnums=donate)
-
-
 # -- engine --------------------------------------------------------------------------------------
 
 
@@ -202,11 +195,12 @@ class OffloadEngine(Engine):
 
         model = nnx.merge(self.graphdef, self.state)
         self.layer_defs = [nnx.split(layer) for layer in model.layers]
+        self._jit_cache: dict[tuple, Any] = {}
         embed_def, embed_state = nnx.split(model.embed)
-        self._embed = functools.partial(_jitted(_embed, embed_def), embed_state)
+        self._embed = functools.partial(self._jitted(_embed, embed_def), embed_state)
         norm_def, norm_state = nnx.split(model.final_norm)
         out_def, out_state = nnx.split(model.output_layer())
-        self._head = functools.partial(_jitted(_head, norm_def, out_def), norm_state, out_state)
+        self._head = functools.partial(self._jitted(_head, norm_def, out_def), norm_state, out_state)
         self.counters = Counters()
         self.controllers = build_controllers(config, plan, self.policy, self.counters)
         device = memory("device")
@@ -264,22 +258,31 @@ class OffloadEngine(Engine):
 
     # -- the layer loop ----------------------------------------------------------------------------
 
+    def _jitted(self, fn, *static, donate: tuple[int, ...] = ()):
+        """`fn` with its leading static arguments bound, jitted once per distinct binding in this
+        engine (layers with equal structure share compiled code). Held by the engine, so compiled
+        code and the graph definitions it binds go when the engine does."""
+        key = (fn, static, donate)
+        if key not in self._jit_cache:
+            self._jit_cache[key] = jax.jit(functools.partial(fn, *static), donate_argnums=donate)
+        return self._jit_cache[key]
+
     def _bind_layer(self, l: int) -> dict:
         """Layer l's device functions with its parameters bound: only activations, caches and
         small index arrays are passed per call."""
         layer_def, layer_state = self.layer_defs[l]
         if l not in self.controllers:
-            return {"dense": functools.partial(_jitted(_dense_layer, layer_def, donate=(3, 4)), layer_state)}
-        fns = {"attn": functools.partial(_jitted(_attn_router, layer_def, None, donate=(4, 5)), layer_state, None)}
+            return {"dense": functools.partial(self._jitted(_dense_layer, layer_def, donate=(3, 4)), layer_state)}
+        fns = {"attn": functools.partial(self._jitted(_attn_router, layer_def, None, donate=(4, 5)), layer_state, None)}
         nl = self.next_moe.get(l)
         if nl is not None:
             next_def, next_state = self.layer_defs[nl]
-            fns["attn_predict"] = functools.partial(_jitted(_attn_router, layer_def, next_def, donate=(4, 5)),
+            fns["attn_predict"] = functools.partial(self._jitted(_attn_router, layer_def, next_def, donate=(4, 5)),
                                                     layer_state, next_state)
         for finish in (False, True):
-            fns[finish] = functools.partial(_jitted(_experts, layer_def, finish, donate=(3,)), layer_state)
+            fns[finish] = functools.partial(self._jitted(_experts, layer_def, finish, donate=(3,)), layer_state)
         if l in self._resident_experts:
-            fns["resident"] = functools.partial(_jitted(_resident_layer, layer_def, donate=(4, 5)), layer_state,
+            fns["resident"] = functools.partial(self._jitted(_resident_layer, layer_def, donate=(4, 5)), layer_state,
                                                 self._resident_experts[l])
         return fns
 
