@@ -280,6 +280,7 @@ def run_model(name: str, args, doc: dict, end: float, workdir: Path, log) -> Non
         log(f"[{name}] {kind} {extra.get('budgets', [{}])[0].get('expert_budget', '')} (up to {timeout:.0f} s)")
         doc["records"] += run_task({**base, "kind": kind, **extra}, timeout, workdir, log)
         summarise(doc, args)
+    shutil.rmtree(Path(base["hf_dir"]).parent, ignore_errors=True)  # tens of GB at full scale
 
 
 BASELINES = ("torch_lru[prefetch]", "accelerate")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -204,6 +205,8 @@ def main(argv=None) -> dict:
                         for r in SPLIT_RATIOS},
         "offloaded_vs_resident": runs["both"]["decode_tokens_per_s"] / runs["resident"]["decode_tokens_per_s"],
     }
+    if not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
     out = Path(args.out or harness.RESULTS / f"offload_gpu_{found['jax_platform']}{'_smoke' if args.smoke else ''}.json")
     harness.write_result(out, report)
     print({k: report[k] for k in ("offloaded_vs_resident", "overlap", "tokens_match_resident", "split_sweep")})
