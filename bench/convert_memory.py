@@ -27,15 +27,21 @@ import numpy as np
 from bench import harness
 
 
+# Linux carries a process's memory high-water mark across exec, so a child forked from this
+# (large) process would report this process's size: a small launcher spawns the measured command.
+_LAUNCHER = ("import os, sys; pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ); "
+             "_, status, usage = os.wait4(pid, 0); print(usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status))")
+
+
 def peak_rss(cmd: list[str]) -> tuple[int, float]:
-    """(peak resident bytes, wall seconds) of a child process, from the kernel's accounting."""
+    """(peak resident bytes, wall seconds) of a command, from the kernel's accounting."""
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=harness.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], cwd=harness.ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
-    return usage.ru_maxrss * 1024, wall
+    peak, status = (int(x) for x in proc.stdout.split()[-2:])
+    if status != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}")
+    return peak, wall
 
 
 def unit_bytes(c) -> dict[str, int]:
