@@ -143,8 +143,6 @@ def _uniform_or_schedule(args, config):
             raise ValueError("a schedule fixes budgets and split ratios; drop --vram-budget/--expert-budget/--split-ratio")
         return planning.read_schedule(args.schedule, config, prefetch=False if args.no_prefetch else None,
                                       kv_length=args.kv_length)
-    if args.vram_budget and args.expert_budget is not None:
-        raise ValueError("give --vram-budget or --expert-budget, not both")
     if not args.vram_budget and args.expert_budget is None:
         raise ValueError("give --expert-budget, --vram-budget or --schedule")
     return planning.plan_from_budget(
@@ -246,10 +244,8 @@ def _plan(args) -> None:
     if prefetch and args.predictor == "router" and not trace.has_predictions:
         prefetch = False
         _progress("note: the trace records no next-layer guesses; planning without prefetch")
-    if args.vram_budget and args.expert_budget is not None:
-        raise ValueError("give --vram-budget or --expert-budget, not both")
     vram = planning.parse_size(args.vram_budget) if args.vram_budget else None
-    budget = planner.cache_budget(config, args.kv_length, vram, args.expert_budget)
+    budget = planning.cache_budget(config, args.kv_length, vram, args.expert_budget, split_ratio=min(ratios))
     result, report = planner.plan(trace, config, profile, budget, policy=args.policy, prefetch=prefetch,
                                   predictor=args.predictor, kv_length=args.kv_length, ratios=ratios,
                                   progress=_progress)

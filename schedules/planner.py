@@ -308,23 +308,6 @@ def exhaustive(problem: Problem, budget: int, batch: int = 4096) -> tuple[list[i
 # -- the whole planning step -----------------------------------------------------------------------
 
 
-def cache_budget(config: ModelConfig, kv_length: int, vram_budget: int | None = None,
-                 expert_budget: float | None = None) -> int:
-    """Bytes the expert caches may use: the device budget minus everything footprint() counts besides."""
-    if (vram_budget is None) == (expert_budget is None):
-        raise BudgetError("give exactly one of a VRAM budget and an expert budget")
-    if expert_budget is not None:
-        if not 0.0 < expert_budget <= 1.0:
-            raise BudgetError(f"expert budget is a fraction in (0, 1], got {expert_budget}")
-        return int(expert_budget * len(config.moe_layer_ids) * config.num_experts * config.expert_bytes())
-    empty = OffloadPlan(tuple(LayerPlan(l, 0, config.moe_intermediate_size) for l in config.moe_layer_ids), kv_length)
-    fixed = planning.footprint(config, empty)["total"]
-    if vram_budget <= fixed:
-        raise BudgetError(f"VRAM budget {planning.format_size(vram_budget)} does not cover the model's fixed footprint "
-                          f"{planning.format_size(fixed)} (resident weights, KV cache for {kv_length} tokens, transfer buffers)")
-    return int(vram_budget - fixed)
-
-
 def make_plan(config: ModelConfig, problem: Problem, assign: list[int], freqs: np.ndarray, kv_length: int,
               policy: str, prefetch: bool) -> OffloadPlan:
     layers = []
@@ -342,7 +325,7 @@ def plan(trace: Trace, config: ModelConfig, profile: dict, cache_bytes: int, *, 
     trace.check_model(config)
     freqs = trace.frequencies()
     grid_r = ratio_grid(config, ratios)
-    smallest = len(config.moe_layer_ids) * config.top_k * planning.split_rows(config, min(grid_r)) * planning.row_bytes(config)
+    smallest = planning.min_cache_bytes(config, min(grid_r))
     if cache_bytes < smallest:
         raise BudgetError(f"an expert cache of {planning.format_size(cache_bytes)} is below the minimum "
                           f"{planning.format_size(smallest)}: {config.top_k} slots per layer at split ratio {min(grid_r):g}")

@@ -61,7 +61,7 @@ def test_planner_is_within_two_percent_of_exhaustive_search(mixtral_trace, prefe
     for profile in (h100, slow_compute):
         problem = planner.build_problem(config, curves, profile, [1.0, 0.5, 0.25], prefetch)
         for fraction in (0.3, 0.5, 0.7):
-            budget = planner.cache_budget(config, 2048, expert_budget=fraction)
+            budget = planning.cache_budget(config, 2048, expert_budget=fraction)
             assign, _ = planner.optimise(problem, budget)
             assert problem.option_bytes[assign].sum() <= budget
             _, best = planner.exhaustive(problem, budget)
@@ -125,4 +125,41 @@ def test_budget_below_the_minimum_is_a_clear_error(mixtral_trace, tmp_path, caps
     with pytest.raises(planning.BudgetError, match="minimum"):
         planner.optimise(_synthetic(4)[0], 1000)
     with pytest.raises(planning.BudgetError, match="exactly one"):
-        planner.cache_budget(config, 2048)
+        planning.cache_budget(config, 2048)
+
+
+def test_one_budget_check_for_the_runtime_and_the_planner():
+    """plan.cache_budget alone checks the budget pair and range; plan_from_budget and `jaxmoe plan`
+    both refuse through it, with the same minimum."""
+    config = preset("mixtral-8x7b")
+    fixed = planning.fixed_bytes(config, 2048)
+    least = planning.min_cache_bytes(config, 0.5)
+    assert planning.cache_budget(config, 2048, vram_budget=fixed + least, split_ratio=0.5) == least
+    assert planning.cache_budget(config, 2048, expert_budget=1.0) == planning.routed_expert_bytes(config)
+    for bad, message in (({}, "exactly one"), (dict(vram_budget=fixed + least, expert_budget=0.5), "exactly one"),
+                         (dict(expert_budget=1.5), r"\(0, 1\]"), (dict(expert_budget=0.0), r"\(0, 1\]")):
+        with pytest.raises(planning.BudgetError, match=message):
+            planning.cache_budget(config, 2048, **bad)
+        with pytest.raises(planning.BudgetError, match=message):
+            planning.plan_from_budget(config, kv_length=2048, **bad)
+    minimum = f"{fixed + least} bytes"
+    with pytest.raises(planning.BudgetError, match=minimum):
+        planning.cache_budget(config, 2048, vram_budget=fixed + least - 1, split_ratio=0.5)
+    with pytest.raises(planning.BudgetError, match=minimum):
+        planning.plan_from_budget(config, vram_budget=fixed + least - 1, split_ratio=0.5)
+    with pytest.raises(planning.BudgetError, match="minimum at split ratio 0.5 is 0.1250"):
+        planning.plan_from_budget(config, expert_budget=0.12, split_ratio=0.5)
+    plan = planning.plan_from_budget(config, vram_budget=fixed + least, split_ratio=0.5)
+    assert [p.slots for p in plan.layers] == [config.top_k] * len(plan.layers)
+    assert planning.footprint(config, plan)["total"] == fixed + least
+
+
+def test_plan_cli_names_the_minimum_at_its_smallest_ratio(tmp_path, capsys):
+    config = preset("mixtral-8x7b")
+    minimum = planning.fixed_bytes(config, 2048) + planning.min_cache_bytes(config, 0.5)
+    assert main(["plan", "mixtral-8x7b", "--trace", str(SHARED_TRACE), "--vram-budget", str(minimum - 1),
+                 "--ratios", "1,0.5", "--out", str(tmp_path / "s.json")]) == 2
+    assert f"{minimum} bytes" in capsys.readouterr().err
+    assert main(["plan", "mixtral-8x7b", "--trace", str(SHARED_TRACE), "--vram-budget", "60GiB",
+                 "--expert-budget", "0.5", "--out", str(tmp_path / "s.json")]) == 2
+    assert "exactly one" in capsys.readouterr().err

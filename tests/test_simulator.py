@@ -215,7 +215,7 @@ def test_planned_schedule_runs_as_simulated(olmoe, tmp_path):
     """Non-uniform slots, hot sets and priors from the planner: the runtime still matches exactly."""
     model_dir, trace, _ = olmoe
     config = jaxmoe.checkpoint.load_config(model_dir)
-    budget = planner.cache_budget(config, 256, expert_budget=0.2)  # split and whole layers side by side
+    budget = planning.cache_budget(config, 256, expert_budget=0.2, split_ratio=0.5)  # split and whole layers side by side
     plan, _ = planner.plan(trace, config, prof.load_profile("h100"), budget, policy="lcp", kv_length=256,
                            ratios=(1.0, 0.5))
     path = tmp_path / "schedule.json"

@@ -81,12 +81,15 @@ def split_rows(config: ModelConfig, ratio: float) -> int:
     return max(1, min(config.moe_intermediate_size, round(ratio * config.moe_intermediate_size)))
 
 
+def routed_expert_bytes(config: ModelConfig) -> int:
+    """Bytes of every routed expert of the model: what host memory holds when they are offloaded."""
+    return len(config.moe_layer_ids) * config.num_experts * config.expert_bytes()
+
+
 def resident_bytes(config: ModelConfig) -> int:
     from jaxmoe.models.transformer import param_count
 
-    itemsize = np.dtype(config.jnp_dtype).itemsize
-    routed = len(config.moe_layer_ids) * config.num_experts * config.expert_bytes()
-    return param_count(config) * itemsize - routed
+    return param_count(config) * np.dtype(config.jnp_dtype).itemsize - routed_expert_bytes(config)
 
 
 def kv_bytes(config: ModelConfig, length: int) -> int:
@@ -101,15 +104,59 @@ def cache_bytes(config: ModelConfig, plan: OffloadPlan) -> int:
     return sum(p.slots * p.split_rows * row_bytes(config) for p in plan.layers)
 
 
+def fixed_bytes(config: ModelConfig, kv_length: int) -> int:
+    """Device bytes of any plan whatever its caches: resident weights, KV cache and transfer reserve."""
+    return resident_bytes(config) + kv_bytes(config, kv_length) + reserve_bytes(config)
+
+
 def footprint(config: ModelConfig, plan: OffloadPlan) -> dict[str, int]:
-    parts = {
+    expert_cache = cache_bytes(config, plan)
+    return {
         "resident": resident_bytes(config),
         "kv_cache": kv_bytes(config, plan.kv_length),
-        "expert_cache": cache_bytes(config, plan),
+        "expert_cache": expert_cache,
         "transfer_reserve": reserve_bytes(config),
+        "total": fixed_bytes(config, plan.kv_length) + expert_cache,
     }
-    parts["total"] = sum(parts.values())
-    return parts
+
+
+def min_cache_bytes(config: ModelConfig, split_ratio: float) -> int:
+    """The smallest expert cache: in every MoE layer, a token's top_k experts as top segments at
+    `split_ratio`."""
+    return len(config.moe_layer_ids) * config.top_k * split_rows(config, split_ratio) * row_bytes(config)
+
+
+def cache_budget(config: ModelConfig, kv_length: int, vram_budget: int | None = None,
+                 expert_budget: float | None = None, *, split_ratio: float = 1.0) -> int:
+    """Bytes the expert caches may use, from exactly one of `vram_budget` (the whole device
+    footprint, of which `fixed_bytes` are not cache) and `expert_budget` (a share in (0, 1] of all
+    routed expert bytes).
+
+    The one place budgets are checked: a budget that leaves less than `min_cache_bytes` at
+    `split_ratio` (the smallest ratio the caller will cache at) is refused, naming the minimum."""
+    if (vram_budget is None) == (expert_budget is None):
+        raise BudgetError("give exactly one of a VRAM budget and an expert budget")
+    least = min_cache_bytes(config, split_ratio)
+    if expert_budget is not None:
+        if not 0.0 < expert_budget <= 1.0:
+            raise BudgetError(f"expert budget is a fraction in (0, 1], got {expert_budget}")
+        total = routed_expert_bytes(config)
+        budget = round(expert_budget * total)
+        if budget < least:
+            raise BudgetError(
+                f"expert budget {expert_budget:g} leaves {budget // (least // config.top_k)} cache slots per layer; "
+                f"a token needs {config.top_k}: the minimum at split ratio {split_ratio:g} is {least / total:.4f}")
+        return budget
+    fixed = fixed_bytes(config, kv_length)
+    if vram_budget - fixed < least:
+        minimum = fixed + least
+        raise BudgetError(
+            f"VRAM budget {format_size(vram_budget)} is below the minimum this model needs: {format_size(minimum)} "
+            f"({minimum} bytes: the fixed footprint {format_size(fixed)} of resident weights "
+            f"{format_size(resident_bytes(config))}, KV cache for {kv_length} tokens {format_size(kv_bytes(config, kv_length))} "
+            f"and transfer buffers {format_size(reserve_bytes(config))}, plus {config.top_k} cached experts per layer "
+            f"at split ratio {split_ratio:g})")
+    return vram_budget - fixed
 
 
 def uniform_plan(config: ModelConfig, slots: int, ratio: float, kv_length: int, policy: str, prefetch: bool) -> OffloadPlan:
@@ -129,32 +176,9 @@ def plan_from_budget(
     prefetch: bool = True,
 ) -> OffloadPlan:
     """Uniform slots per layer for a whole-device byte budget or a share of all expert bytes."""
-    e, k, layers = config.num_experts, config.top_k, len(config.moe_layer_ids)
-    rows = split_rows(config, split_ratio)
-    top_bytes = rows * row_bytes(config)
-    if (vram_budget is None) == (expert_budget is None):
-        raise BudgetError("give exactly one of vram_budget and expert_budget")
-    if expert_budget is not None:
-        if not 0.0 < expert_budget <= 1.0:
-            raise BudgetError(f"expert budget is a fraction in (0, 1], got {expert_budget}")
-        slots = min(e, int(expert_budget * e * config.moe_intermediate_size / rows + 1e-9))
-        if slots < k:
-            minimum = k * rows / (e * config.moe_intermediate_size)
-            raise BudgetError(
-                f"expert budget {expert_budget:g} leaves {slots} cache slots per layer; a token needs {k}: "
-                f"the minimum at split ratio {split_ratio:g} is {minimum:.4f}"
-            )
-    else:
-        fixed = resident_bytes(config) + kv_bytes(config, kv_length) + reserve_bytes(config)
-        slots = min(e, max(0, (vram_budget - fixed) // (layers * top_bytes)))
-        if slots < k:
-            minimum = fixed + layers * k * top_bytes
-            raise BudgetError(
-                f"VRAM budget {format_size(vram_budget)} is below the minimum this model needs: "
-                f"{format_size(minimum)} ({minimum} bytes: resident weights {format_size(resident_bytes(config))}, "
-                f"KV cache for {kv_length} tokens {format_size(kv_bytes(config, kv_length))}, "
-                f"{k} cached experts per layer and transfer buffers)"
-            )
+    budget = cache_budget(config, kv_length, vram_budget, expert_budget, split_ratio=split_ratio)
+    slot_bytes = len(config.moe_layer_ids) * split_rows(config, split_ratio) * row_bytes(config)  # a slot per layer
+    slots = min(config.num_experts, budget // slot_bytes)
     return uniform_plan(config, slots, split_ratio, kv_length, policy, prefetch)
 
 
