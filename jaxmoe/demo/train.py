@@ -7,7 +7,12 @@ standard library's own .py files, which every machine with Python has offline; t
 sorted file list is held out for the loss and routing statistics. The router's load-balancing loss
 is weighted lightly on purpose so that expert usage stays skewed, as in real MoE checkpoints,
 which is what makes expert offloading and caching worth measuring on this model.
+
+torch is not a jaxmoe dependency: it and the other training libraries are imported by the
+functions that train, so importing this module needs none of them.
 """
+
+from __future__ import annotations
 
 import argparse
 import json
@@ -18,14 +23,15 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from safetensors import safe_open
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, GenerationConfig, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
 from jaxmoe.demo import DEMO_DIR, MODEL_DIR
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
 EOT = "<|endoftext|>"
 VOCAB_SIZE = 4096
@@ -70,6 +76,9 @@ def split_corpus(docs: list, held_out_fraction: float) -> tuple[list, list]:
 
 def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     """Byte-level BPE, so any text round-trips; EOT doubles as bos, eos and pad."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -103,6 +112,8 @@ def encode_documents(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> np
 
 
 def build_config(tokenizer: PreTrainedTokenizerFast, aux_loss_coef: float) -> MixtralConfig:
+    from transformers import MixtralConfig
+
     eot = tokenizer.eos_token_id
     return MixtralConfig(
         vocab_size=len(tokenizer),
@@ -125,6 +136,8 @@ def build_config(tokenizer: PreTrainedTokenizerFast, aux_loss_coef: float) -> Mi
 
 
 def seed_everything(seed: int) -> np.random.Generator:
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -132,6 +145,8 @@ def seed_everything(seed: int) -> np.random.Generator:
 
 
 def random_windows(tokens: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    import torch
+
     starts = rng.integers(0, len(tokens) - SEQ_LEN, size=BATCH_SIZE)
     return torch.from_numpy(np.stack([tokens[s : s + SEQ_LEN] for s in starts]).astype(np.int64))
 
@@ -148,6 +163,8 @@ def cosine_with_warmup(steps: int):
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
     """Decay matrices only: shrinking RMSNorm gains toward zero only hurts."""
+    import torch
+
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
@@ -158,6 +175,8 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
 
 def train(model: MixtralForCausalLM, tokens: np.ndarray, steps: int, rng: np.random.Generator) -> float:
     """Returns the wall time in seconds."""
+    import torch
+
     optimizer = make_optimizer(model)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(steps))
     model.train()
@@ -185,6 +204,8 @@ def train(model: MixtralForCausalLM, tokens: np.ndarray, steps: int, rng: np.ran
 
 
 def save_model(model: MixtralForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
+    from transformers import GenerationConfig
+
     eot = tokenizer.eos_token_id
     model.config.output_router_logits = False  # inference default; the aux loss is for training only
     model.generation_config = GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
@@ -211,6 +232,8 @@ def add_transformers_v4_keys(out: Path, rope_theta: float) -> None:
 
 def check_saved_layout(out: Path) -> None:
     """The converter expects the legacy per-expert Mixtral names, which transformers 5 writes back on save."""
+    from safetensors import safe_open
+
     with safe_open(out / "model.safetensors", framework="pt") as f:
         keys = set(f.keys())
         dtypes = {f.get_slice(k).get_dtype() for k in keys}
@@ -227,19 +250,21 @@ def check_round_trip(tokenizer, texts: list[str]) -> None:
             sys.exit("the saved tokenizer does not round-trip the held-out text")
 
 
-@torch.no_grad()
 def evaluate(model: MixtralForCausalLM, tokens: np.ndarray) -> tuple[float, np.ndarray]:
     """Next-token loss (nats, without the aux loss) over non-overlapping held-out windows, and expert_counts."""
+    import torch
+
     cfg = model.config
     n_windows = (len(tokens) - 1) // SEQ_LEN
     windows = torch.from_numpy(tokens[: n_windows * SEQ_LEN].astype(np.int64)).view(n_windows, SEQ_LEN)
     counts = np.zeros((cfg.num_hidden_layers, cfg.num_local_experts), dtype=np.int64)
     loss_sum = 0.0
-    for batch in windows.split(BATCH_SIZE):
-        out = model(input_ids=batch, output_router_logits=True)
-        logits = out.logits[:, :-1].reshape(-1, cfg.vocab_size)
-        loss_sum += torch.nn.functional.cross_entropy(logits, batch[:, 1:].flatten(), reduction="sum").item()
-        counts += expert_counts(out.router_logits, cfg)
+    with torch.no_grad():
+        for batch in windows.split(BATCH_SIZE):
+            out = model(input_ids=batch, output_router_logits=True)
+            logits = out.logits[:, :-1].reshape(-1, cfg.vocab_size)
+            loss_sum += torch.nn.functional.cross_entropy(logits, batch[:, 1:].flatten(), reduction="sum").item()
+            counts += expert_counts(out.router_logits, cfg)
     return loss_sum / windows[:, 1:].numel(), counts
 
 
@@ -328,6 +353,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    import torch
+    from transformers import AutoTokenizer, MixtralForCausalLM
+
     args = parse_args(argv)
     torch.set_num_threads(TORCH_THREADS)
     t0 = time.time()
