@@ -87,6 +87,7 @@ def load(
         plan = planning.plan_from_budget(config, vram_budget=vram_budget, expert_budget=expert_budget,
                                          split_ratio=split_ratio or 1.0, kv_length=kv_length,
                                          policy=policy or "lru", prefetch=prefetch)
+    planning.check_policy(plan)
     return OffloadEngine.from_dir(resolve_model_dir(path), plan, store)
 
 

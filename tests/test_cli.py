@@ -67,6 +67,13 @@ def test_budget_below_minimum_fails_cleanly(cache):
     assert proc.returncode == 2 and "minimum" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_static_policy_without_a_schedule_fails_cleanly(cache):
+    proc = run_cli("generate", "--prompt", "x", "--expert-budget", "0.5", "--policy", "static", cache=cache, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("jaxmoe: error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(errors) == 1 and "needs a schedule from `jaxmoe plan`" in errors[0]
+
+
 def test_unsupported_architecture_lists_supported(tmp_path, cache):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))

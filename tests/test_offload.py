@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -22,7 +24,14 @@ def _prompt(seed=2, n=11, vocab=96):
 def _offload(model_dir, config, fraction, ratio, policy, prefetch):
     plan = planning.plan_from_budget(config, expert_budget=fraction, split_ratio=ratio, kv_length=256,
                                      policy=policy, prefetch=prefetch)
+    if policy == "static":  # a hot set as a schedule gives it: here the highest expert ids
+        plan = _with_hot_sets(plan, config)
     return OffloadEngine(config, model_dir, plan)
+
+
+def _with_hot_sets(plan, config):
+    hot = lambda p: tuple(range(config.num_experts - 1, config.num_experts - 1 - p.slots, -1))  # noqa: E731
+    return dataclasses.replace(plan, layers=tuple(dataclasses.replace(p, hot=hot(p)) for p in plan.layers))
 
 
 def _assert_same_generation(resident, offloaded, prompt, tokens=16):
@@ -200,3 +209,23 @@ def test_compiled_layer_functions_go_with_their_engine(converted):
     del engine, jitted
     gc.collect()
     assert [r() for r in refs] == [None] * len(refs)
+
+
+def test_static_policy_without_hot_sets_is_refused_before_weights_are_read(converted, monkeypatch, tmp_path):
+    """static keeps a trace's hot set; without one (a plain budget, or a schedule that has none) it
+    would evict as LRU does, so it is refused, naming `jaxmoe plan`."""
+    from jaxmoe import checkpoint
+
+    config = Engine.from_dir(converted["mixtral"]).config
+    plan = planning.uniform_plan(config, config.top_k, 1.0, 256, "static", True)
+    planning.write_schedule(tmp_path / "bare.json", config, plan)
+    planning.write_schedule(tmp_path / "planned.json", config, _with_hot_sets(plan, config))
+    monkeypatch.setattr(checkpoint, "read_unit", lambda *a: pytest.fail("weights read before the policy check"))
+    message = r"policy 'static' needs a schedule from `jaxmoe plan`"
+    with pytest.raises(ValueError, match=message):
+        jaxmoe.load(converted["mixtral"], expert_budget=0.5, policy="static")
+    with pytest.raises(ValueError, match=message):
+        jaxmoe.load(converted["mixtral"], schedule=tmp_path / "bare.json", kv_length=256)
+    with pytest.raises(ValueError, match=message):
+        OffloadEngine(config, converted["mixtral"], plan)
+    planning.check_policy(planning.read_schedule(tmp_path / "planned.json", config))  # hot sets: accepted

@@ -70,6 +70,14 @@ class OffloadPlan:
         }
 
 
+def check_policy(plan: OffloadPlan) -> None:
+    """Refuse a plan its policy cannot run as asked: `static` keeps each layer's hot set, which only
+    a schedule from `jaxmoe plan` gives; without one it would silently evict as LRU does."""
+    if plan.policy == "static" and not all(p.hot for p in plan.layers):
+        raise ValueError("policy 'static' needs a schedule from `jaxmoe plan` (each layer's hot set, from a trace), "
+                         "and this plan has none: give --schedule FILE, or choose lru, lfu or lcp")
+
+
 def row_bytes(config: ModelConfig) -> int:
     """Bytes of one intermediate row of an expert (its gate, up and down rows)."""
     return 3 * config.hidden_size * np.dtype(config.jnp_dtype).itemsize

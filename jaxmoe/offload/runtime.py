@@ -183,6 +183,7 @@ class OffloadEngine(Engine):
         self.policy = policies.get(plan.policy)
         if plan.policy in policies.ORACLE:
             raise ValueError(f"policy {plan.policy!r} needs the future; it exists only in the simulator")
+        planning.check_policy(plan)
         params = ckpt.load_params(model_dir, config, experts=False)
         empty = jnp.zeros((0, config.hidden_size), config.jnp_dtype)
         for layer in config.moe_layer_ids:  # routed experts stay on the host; placeholders keep the tree
