@@ -59,6 +59,7 @@ def load(
     prefetch: bool = True,
     kv_length: int = 2048,
     store=None,
+    fast_path: bool = True,
 ):
     """Load a converted (or Hugging Face, converted on first use) model; `None` loads the demo.
 
@@ -66,12 +67,15 @@ def load(
     all expert bytes the device cache may hold) and `schedule` (a planner's JSON), the model is
     fully resident. Otherwise routed experts stay in host memory behind per-layer device caches;
     `store` (an engine's `.store`) reuses experts already in host memory when only the policy,
-    prefetch or cache sizes change.
+    prefetch or cache sizes change. An offloaded load sets JAX's device memory limits first
+    (jaxmoe.device_memory). `fast_path=False` makes every MoE layer take the host round trip
+    even when its cache cannot miss (for benchmarks that compare paths).
     """
     from jaxmoe.engine import Engine
 
     if vram_budget is None and expert_budget is None and schedule is None:
         return Engine.from_dir(resolve_model_dir(path))
+    from jaxmoe import device_memory
     from jaxmoe.offload import plan as planning
     from jaxmoe.offload.runtime import OffloadEngine
 
@@ -88,7 +92,14 @@ def load(
                                          split_ratio=split_ratio or 1.0, kv_length=kv_length,
                                          policy=policy or "lru", prefetch=prefetch)
     planning.check_policy(plan)
-    return OffloadEngine.from_dir(resolve_model_dir(path), plan, store)
+    # Before conversion or loading can start JAX: XLA reads its memory settings once.
+    footprint = planning.footprint(config, plan)["total"]
+    memory = device_memory.configure(
+        max(vram_budget or 0, footprint) + device_memory.workspace_bytes(config, plan.kv_length),
+        planning.routed_expert_bytes(config))
+    engine = OffloadEngine.from_dir(resolve_model_dir(path), plan, store, fast_path=fast_path)
+    engine.device_memory = memory
+    return engine
 
 
 def _config_of(path: str | Path | None):

@@ -61,6 +61,9 @@ def memory(kind: str):
 
 
 Segment = tuple[jax.Array, jax.Array]  # (gate_up [2R, D], down [D, R]), see moe.split_expert
+# How a request's decode ran: steps as the resident model's one compiled call, MoE layer calls
+# without the host round trip (cache holds every expert whole), and with it.
+PATHS = ("one_call_steps", "resident_layer_calls", "round_trip_layer_calls")
 
 
 class HostExpertStore:
@@ -178,8 +181,11 @@ class OffloadEngine(Engine):
     pipelined_decode = False
 
     def __init__(self, config: ModelConfig, model_dir: Path, plan: OffloadPlan, tokenizer=None,
-                 store: HostExpertStore | None = None):
+                 store: HostExpertStore | None = None, *, fast_path: bool = True):
         self.plan = plan
+        # False: every MoE layer takes the host round trip even when its cache cannot miss (the
+        # overlap benchmark's compute-only run times the same path as a budget that offloads).
+        self.fast_path = fast_path
         self.policy = policies.get(plan.policy)
         if plan.policy in policies.ORACLE:
             raise ValueError(f"policy {plan.policy!r} needs the future; it exists only in the simulator")
@@ -243,16 +249,22 @@ class OffloadEngine(Engine):
         self.route_override = None
         self.predict_override = None
         self._request_now = 0
+        self._paths = dict.fromkeys(PATHS, 0)  # this request's decode steps and layer calls by path
+        self._decode_step: int | None = None  # the request's decode step, None during prefill
+        # A list to record every decode transfer as (decode step, layer, pinned-host segment), so a
+        # benchmark can replay exactly these copies with nothing else running; None records nothing.
+        self.transfer_log: list | None = None
+        self.device_memory: dict | None = None  # what jaxmoe.load set for JAX's memory (device_memory.configure)
         self._request_start: dict[str, int] = {}
         self._prefill_counters: dict[str, int] = {}
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, plan: OffloadPlan | None = None, store: HostExpertStore | None = None,
-                 **budget) -> OffloadEngine:
+                 fast_path: bool = True, **budget) -> OffloadEngine:
         model_dir = Path(model_dir)
         config = ckpt.load_config(model_dir)
         plan = plan or planning.plan_from_budget(config, **budget)
-        return cls(config, model_dir, plan, _load_tokenizer(model_dir), store)
+        return cls(config, model_dir, plan, _load_tokenizer(model_dir), store, fast_path=fast_path)
 
     def max_context(self) -> int:
         return min(self.config.max_position_embeddings, self.plan.kv_length)
@@ -290,12 +302,14 @@ class OffloadEngine(Engine):
     def _runs_resident(self, l: int, decoding: bool) -> bool:
         """Whether layer l can skip the host round trip: every expert cached whole, routing not
         replayed, and no prefetch guess for a next layer that could miss."""
-        if l not in self._resident_experts or self.route_override is not None:
+        if not self.fast_path or l not in self._resident_experts or self.route_override is not None:
             return False
         nl = self.next_moe.get(l) if decoding and self.plan.prefetch else None
         return nl is None or nl in self._resident_experts
 
-    def _fetch(self, segment: Segment) -> Segment:
+    def _fetch(self, segment: Segment, layer: int) -> Segment:
+        if self.transfer_log is not None and self._decode_step is not None:
+            self.transfer_log.append((self._decode_step, layer, segment))
         return jax.device_put(segment, memory("device"))
 
     def _run_chunks(self, l, x, hn, weights, ids, valid, chunks):
@@ -304,10 +318,10 @@ class OffloadEngine(Engine):
         fns, acc = self._layer_fns[l], None
         for i, chunk in enumerate(chunks):
             for e, slot in chunk.top_fetches:  # an arrived segment becomes its slot's buffers
-                self.caches[l][slot] = inflight_tops.pop(e) if e in inflight_tops else self._fetch(store.top[l][e])
+                self.caches[l][slot] = inflight_tops.pop(e) if e in inflight_tops else self._fetch(store.top[l][e], l)
             bottoms = ()
             if store.bottom[l][0] is not None:
-                bottoms = tuple(self._fetch(store.bottom[l][e]) if e in chunk.bottom_fetches else inflight_bottoms.pop(e)
+                bottoms = tuple(self._fetch(store.bottom[l][e], l) if e in chunk.bottom_fetches else inflight_bottoms.pop(e)
                                 for e in chunk.members)
                 bottoms += (self._zero_bottom[l],) * (k - len(bottoms))
             members = np.array(chunk.members + [-1] * (k - len(chunk.members)), np.int32)
@@ -328,7 +342,9 @@ class OffloadEngine(Engine):
             if self._runs_resident(l, decoding):
                 x, ks[l], vs[l], ids = fns["resident"](x, start, ks[l], vs[l])
                 unaccounted.append((l, ids))
+                self._paths["resident_layer_calls"] += decoding
                 continue
+            self._paths["round_trip_layer_calls"] += decoding
             nl = self.next_moe.get(l) if decoding and self.plan.prefetch else None
             attn = fns["attn_predict"] if nl is not None else fns["attn"]
             x_attn, hn, weights, ids, predicted, ks[l], vs[l] = attn(x, start, ks[l], vs[l])
@@ -352,9 +368,9 @@ class OffloadEngine(Engine):
                 self._predicted[nl] = guess
                 tops, bottoms = self.controllers[nl].prefetch(guess, self._now)
                 for e, _ in tops:
-                    self._inflight_tops[nl][e] = self._fetch(self.store.top[nl][e])
+                    self._inflight_tops[nl][e] = self._fetch(self.store.top[nl][e], nl)
                 for e in bottoms:
-                    self._inflight_bottoms[nl][e] = self._fetch(self.store.bottom[nl][e])
+                    self._inflight_bottoms[nl][e] = self._fetch(self.store.bottom[nl][e], nl)
         for l, ids in unaccounted:
             self._account(l, ids, valid)
         self._now += valid
@@ -385,7 +401,9 @@ class OffloadEngine(Engine):
 
         def decode(token, pos, cache, key, sampling):
             self.counters.tokens += 1
+            self._decode_step = 0 if self._decode_step is None else self._decode_step + 1
             if self._decodes_in_one_call():
+                self._paths["one_call_steps"] += 1
                 step = self._compiled_fn(("decode-cached", cache_len, greedy_only), self._jit_decode, token, pos, cache,
                                          key, sampling, leaves=self._cached_model_leaves,
                                          greedy_only=greedy_only, routing=True)
@@ -404,6 +422,8 @@ class OffloadEngine(Engine):
         for ctl in self.controllers.values():
             ctl.cache.new_request()
         self._predicted.clear()
+        self._paths = dict.fromkeys(PATHS, 0)
+        self._decode_step = None
         self._request_start = self.counters.snapshot()
         self._request_now = self._now
 
@@ -433,4 +453,6 @@ class OffloadEngine(Engine):
             "device_bytes_peak_source": "measured" if "peak_bytes_in_use" in stats else "planned",
             "device_bytes_planned": planned,
             "offload": self.plan.to_json(self.config),
+            "layer_paths": dict(self._paths),
+            "device_memory": self.device_memory,
         }
