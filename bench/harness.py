@@ -345,6 +345,7 @@ def write_random_hf_checkpoint(config: dict[str, Any], out: str | Path, seed: in
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": MODEL_TYPES[config["architectures"][0]], **config}
     c = jaxmoe_config(config)
     dtype = np.dtype(DTYPES[c.dtype])
     rng = np.random.default_rng(seed)

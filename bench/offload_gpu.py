@@ -140,18 +140,19 @@ def main(argv=None) -> dict:
 
     hf_cfg = harness.hf_config(args.preset, args.layers, **(_SMOKE if args.smoke else {}))
     config = harness.jaxmoe_config(hf_cfg)
+    kv = 256
+    full = planning.plan_from_budget(config, expert_budget=1.0, kv_length=kv)
+    # Before anything starts JAX (conversion does): the largest run, every expert cached, sets the
+    # process's device limit, which XLA reads once.
+    memory_settings = device_memory.configure(
+        planning.footprint(config, full)["total"] + device_memory.workspace_bytes(config, kv),
+        planning.routed_expert_bytes(config))
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="jaxmoe-offload-gpu-"))
     t = time.perf_counter()
     _, model_dir = harness.build_model(f"{args.preset}-L{args.layers}{'-smoke' if args.smoke else ''}", hf_cfg,
                                        workdir, router_std=1.0)
     build_s = time.perf_counter() - t
-    kv = 256
     prompt = list(range(3, 3 + (16 if args.smoke else 128)))
-    full = planning.plan_from_budget(config, expert_budget=1.0, kv_length=kv)
-    # The largest run (every expert cached) sets the process's device limit; JAX reads it once.
-    memory_settings = device_memory.configure(
-        device_memory.device_limit(config, full, planning.footprint(config, full)["total"]),
-        len(config.moe_layer_ids) * config.num_experts * config.expert_bytes())
 
     bandwidth = harness.h2d_bandwidth_jax([1, 4] if args.smoke else [1, 16, 64, 256])
     peak_bw = max(r["gb_per_s"] for r in bandwidth) * 1e9

@@ -67,7 +67,8 @@ def cpu_section() -> list[str]:
     if dec:
         out += [f"Decode on CPU against transformers (`bench/decode_cpu.py`; {_machine(dec)}; batch 1, greedy, "
                 f"{dec['settings']['new_tokens']} new tokens, median of {dec['settings']['repeats']}; transformers in "
-                "its fastest setting; tokens identical):", "",
+                f"its fastest setting; tokens identical; load average {dec['machine']['load_average'][0]:.1f} at the "
+                "start, other jobs sharing the machine slow both sides):", "",
                 "| model | params | jaxmoe tok/s | transformers tok/s | ratio |", "|---|---|---|---|---|"]
         for name, m in dec["models"].items():
             out.append(f"| {name} | {m['params'] / 1e6:.1f}M | {m['jaxmoe']['decode_tokens_per_s']:.1f} | "

@@ -32,7 +32,7 @@ has already dispatched that token's decode step and counts its transfers; the tr
 out, so the simulator counts one token less for such a request.)
 
 `read_trace` also accepts the public per-(request, token, layer) format of
-`shared/traces/mixtral-8x7b-instruct` (fields `dataset` + `problem_id`, `token_idx` or
+`tests/data/mixtral-8x7b-instruct` (fields `dataset` + `problem_id`, `token_idx` or
 `token_pos`, `layer`, `experts`, `gating_probs`): all its tokens are decode tokens, it has no
 predictions, and tokens missing some layers are skipped (counted in `Trace.skipped_tokens`).
 """
