@@ -78,9 +78,6 @@ def variant_name(policy: str, prefetch: bool) -> str:
     return f"jaxmoe[{policy},{'prefetch' if prefetch else 'no-prefetch'}]"
 
 
-# -- workers (child processes on a GPU run) --------------------------------------------------------
-
-
 def _modes(task) -> list[tuple[str, harness.Replay | None]]:
     return [(m, harness.Replay(task["replay"]) if m == "replay" else None) for m in task["modes"]]
 
@@ -241,9 +238,6 @@ def run_task(task: dict, timeout: float, workdir: Path, log) -> list[dict]:
         log(f"  {task['kind']}: {status.splitlines()[0]}")
         records.append({"model": task.get("model"), "system": task["kind"], "status": "error", "reason": status})
     return records
-
-
-# -- the driver -----------------------------------------------------------------------------------
 
 
 def run_model(name: str, args, doc: dict, end: float, workdir: Path, log) -> None:

@@ -43,8 +43,6 @@ class PlatformError(SystemExit):
         super().__init__(2)
 
 
-# -- platform, machine, versions ------------------------------------------------------------------
-
 _PROBE = """
 import json, jax
 d = jax.devices()[0]
@@ -144,9 +142,6 @@ def machine(found: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# -- timing and results ---------------------------------------------------------------------------
-
-
 def median(values) -> float:
     return float(statistics.median(values))
 
@@ -179,9 +174,6 @@ def _json_default(x):
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-# -- the transformers runner ----------------------------------------------------------------------
 
 
 def torch_generate(model, prompt: list[int], n: int, device, before: Callable[[], None] | None = None) -> dict:
@@ -241,9 +233,6 @@ def first_mismatch(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-# -- recorded routing -----------------------------------------------------------------------------
-
-
 class Replay:
     """Recorded decode routing played back by sequence position: position p takes the trace's
     decode token p mod T (its requests one after another) and model layer l the trace's layer
@@ -294,9 +283,6 @@ def oracle(routing: dict[int, list[list[int]]], config, slots: int) -> dict[str,
     d = simulate.replay(trace, config, plan, "belady").decode
     return {"hits": d["hits"], "misses": d["misses"], "hit_rate": d["hits"] / max(d["hits"] + d["misses"], 1),
             "tokens": tokens, "bytes_per_token": d["bytes_h2d"] / max(tokens, 1)}
-
-
-# -- random checkpoints of real shapes -----------------------------------------------------------
 
 
 def hf_config(preset: str | dict, num_layers: int | None = None, **overrides) -> dict[str, Any]:
@@ -402,9 +388,6 @@ def build_model(name: str, config: dict[str, Any], workdir: str | Path, seed: in
         convert(hf_dir, jm_dir, progress=False)
         (root / "spec.json").write_text(json.dumps(spec))
     return hf_dir, jm_dir
-
-
-# -- host->device bandwidth ----------------------------------------------------------------------
 
 
 def h2d_bandwidth_jax(sizes_mb, repeats: int = 5) -> list[dict]:
