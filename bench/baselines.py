@@ -339,7 +339,7 @@ def parse_args(argv=None):
     ap.add_argument("--accelerate-tokens", type=int, default=None, help="accelerate moves every offloaded weight "
                     "every token, so its per-token time is flat (gpu default 8)")
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--time-limit", type=float, default=420.0, help="seconds for the whole run")
+    ap.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run (gpu 420, cpu 1800)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -360,6 +360,7 @@ def parse_args(argv=None):
     args.new_tokens = args.new_tokens or (64 if gpu else 10)
     args.accelerate_tokens = args.accelerate_tokens or (8 if gpu else args.new_tokens)
     args.repeats = args.repeats or (3 if gpu else 1)
+    args.time_limit = args.time_limit or (420.0 if gpu else 1800.0)
     args.host_bytes = int(0.75 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     args.out = Path(args.out or harness.RESULTS / f"baselines_{args.device}.json")
     return args
