@@ -136,7 +136,7 @@ def test_bytes_counter_equals_the_bytes_actually_put_on_the_device(converted, mo
     moved = []
     original = OffloadEngine._fetch
     monkeypatch.setattr(OffloadEngine, "_fetch",
-                        lambda self, seg: (moved.append(sum(a.nbytes for a in seg)), original(self, seg))[1])
+                        lambda self, seg, layer: (moved.append(sum(a.nbytes for a in seg)), original(self, seg, layer))[1])
     before = engine.counters.bytes_h2d
     out = engine.generate(prompt_ids=_prompt(), max_new_tokens=12)
     assert sum(moved) == engine.counters.bytes_h2d - before == out.extra["bytes_h2d"] > 0

@@ -20,6 +20,7 @@ checkpoints keep Hugging Face's tensors apart, and `params_from_checkpoint` /
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -363,6 +364,7 @@ def abstract_model(config: ModelConfig) -> Transformer:
     return nnx.eval_shape(lambda: Transformer(config, nnx.Rngs(0)))
 
 
+@functools.lru_cache(maxsize=64)  # a frozen config -> an int; tracing the model takes seconds at real sizes
 def param_count(config: ModelConfig) -> int:
     _, state = nnx.split(abstract_model(config))
     return sum(int(x.size) for x in jax.tree.leaves(state))
