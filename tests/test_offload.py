@@ -229,3 +229,18 @@ def test_static_policy_without_hot_sets_is_refused_before_weights_are_read(conve
     with pytest.raises(ValueError, match=message):
         OffloadEngine(config, converted["mixtral"], plan)
     planning.check_policy(planning.read_schedule(tmp_path / "planned.json", config))  # hot sets: accepted
+
+
+@pytest.mark.parametrize("policy", ["lfu", "lru", "lcp", "static"])
+def test_a_repeated_request_gives_the_same_counters_from_its_second_run(converted, policy):
+    """The cache's contents carry over between requests, its statistics do not: the same greedy
+    request run back to back hits and misses identically from the second run on (the first starts
+    from the plan's warm cache). LFU used to count uses over the engine's lifetime, so each repeat
+    evicted differently."""
+    config = Engine.from_dir(converted["olmoe"]).config
+    engine = _offload(converted["olmoe"], config, 3 / config.num_experts + 1e-9, 1.0, policy, True)
+    assert engine.plan.layers[0].slots == 3  # evicts: a token needs 2 of 8 experts
+    runs = [engine.generate(prompt_ids=_prompt(), max_new_tokens=24).extra for _ in range(3)]
+    keys = ("cache_hits", "cache_misses", "bytes_h2d", "prefill_cache_hits", "prefetch_hits")
+    assert [runs[1][k] for k in keys] == [runs[2][k] for k in keys]
+    assert runs[1]["cache_misses"] > 0

@@ -10,12 +10,11 @@ from jaxmoe.offload.cache import CacheFullError, Counters, LayerCache, LayerCont
 from jaxmoe.offload.policies import ExpertStats
 
 
-def _stats(last_use, uses, request_uses=None, prior=None, steps=0):
+def _stats(last_use, request_uses, prior=None, steps=0):
     n = len(last_use)
     s = ExpertStats.fresh(n, 2, prior)
     s.last_use[:] = last_use
-    s.uses[:] = uses
-    s.request_uses[:] = request_uses if request_uses is not None else uses
+    s.request_uses[:] = request_uses
     s.request_steps = steps
     return s
 
@@ -97,3 +96,24 @@ def test_prefetched_experts_count_as_prefetch_hits_and_are_not_fetched_again():
     written = {e for e, _ in chunks[0].top_fetches}
     assert written == {4, 7}
     assert counters.bytes_h2d == 3 * 100
+
+
+def test_a_new_request_forgets_uses_and_recency_and_ties_go_to_the_lowest_id():
+    cache = LayerCache(num_experts=6, top_k=2, slots=3, policy=policies.lfu, warm=[4, 1, 3])
+    cache.record_use([1, 1, 1, 4], 5)
+    cache.new_request()
+    assert not cache.stats.request_uses.any() and np.isneginf(cache.stats.last_use).all()
+    assert cache.insert(0, now=6, protected=set()) == (1, 1)  # every score equal: expert 1, in slot 1
+
+
+def test_a_prompt_step_leaves_the_most_valued_experts_whatever_was_cached():
+    """A step of many tokens takes its experts in ascending score, so what it leaves cached does
+    not depend on what was cached before it."""
+    prompt = [[0, 1], [2, 3], [4, 5], [4, 5]]  # 4 and 5 used last and twice
+    left = set()
+    for warm in ([0, 1, 2], [5, 3, 4], [2, 4, 5]):
+        for policy in (policies.lru, policies.lfu):
+            cache = LayerCache(num_experts=6, top_k=2, slots=3, policy=policy, warm=warm)
+            LayerController(cache, 2, 100, 0, Counters()).step(prompt, now=0)
+            left.add(frozenset(cache.slot_expert.tolist()))
+    assert left == {frozenset({3, 4, 5})}

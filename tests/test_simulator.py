@@ -13,6 +13,7 @@ from jaxmoe.cli import main
 from jaxmoe.engine import Engine
 from jaxmoe.models import preset
 from jaxmoe.offload import plan as planning
+from jaxmoe.offload import policies
 from jaxmoe.schedules import costmodel, planner
 from jaxmoe.schedules import profile as prof
 from jaxmoe.schedules import simulate as sim
@@ -62,6 +63,26 @@ def test_belady_bounds_every_online_policy(mixtral_trace):
         assert res["belady"]["bytes_per_token"] <= res[p]["bytes_per_token"]
         assert res["belady"]["predicted_s_per_token"] <= res[p]["predicted_s_per_token"]
     assert res["lru"]["prefetch_precision"] == 1.0  # the oracle predictor guesses right
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_repeated_requests_count_the_same_from_the_second_run(mixtral_trace, prefetch):
+    """Each request of the public trace (its first 20 tokens as the prompt) three times in a row,
+    at every online policy and a cache that evicts: runs two and three count the same."""
+    import dataclasses
+
+    config = preset("mixtral-8x7b")
+    for request in mixtral_trace.requests:
+        decode = request.decode.copy()
+        decode[:20] = False
+        r = dataclasses.replace(request, decode=decode)
+        trace = dataclasses.replace(mixtral_trace, requests=[dataclasses.replace(r, id=str(i)) for i in range(3)])
+        for policy in policies.ONLINE:
+            plan = sim.with_prior(planning.uniform_plan(config, 5, 0.5, 2048, policy, prefetch),
+                                  mixtral_trace.frequencies(), hot=policy == "static")
+            runs = [{k: v for k, v in q.items() if k != "request"}
+                    for q in sim.replay(trace, config, plan, policy, "oracle").requests]
+            assert runs[1] == runs[2], (request.id, policy)
 
 
 def test_public_trace_without_guesses_refuses_router_prefetch(mixtral_trace):

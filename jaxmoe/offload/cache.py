@@ -17,6 +17,19 @@ class CacheFullError(RuntimeError):
 
 
 class LayerCache:
+    """Which expert sits in which of a layer's slots, and the statistics its policy reads.
+
+    Requests. The cache's contents carry over from one request to the next (no transfers between
+    requests); its statistics do not: `new_request` clears uses and recency, so a request's
+    decisions depend only on its own routing and the contents it starts with, never on how those
+    came to be (ties go to the lowest expert id, not to a slot order that history set). With the
+    order in which `LayerController.step` takes a step's experts, what a request leaves cached
+    follows from the request itself, so a request repeated back to back starts each run from the
+    contents its last run left, and from the second run on its hit, miss and byte counters repeat
+    exactly (tested for every online policy; a prior that values an expert the request never uses
+    above one it does can keep LCP or static from settling in one run).
+    """
+
     def __init__(self, num_experts: int, top_k: int, slots: int, policy: Policy,
                  prior: np.ndarray | None = None, warm: list[int] | None = None):
         self.slots = slots
@@ -43,7 +56,7 @@ class LayerCache:
         if free.size:
             slot, victim = int(free[0]), -1
         else:
-            candidates = self.slot_expert[~np.isin(self.slot_expert, list(protected))]
+            candidates = np.sort(self.slot_expert[~np.isin(self.slot_expert, list(protected))])  # in id order: ties go to the lowest id
             if candidates.size == 0:
                 raise CacheFullError(f"all {self.slots} slots hold experts needed now")
             victim = int(candidates[int(np.argmin(self.policy(candidates, self.stats, now)))])
@@ -57,13 +70,14 @@ class LayerCache:
         """Experts used by one token at step `now`."""
         for e in experts:
             self.stats.last_use[e] = now
-            self.stats.uses[e] += 1
             self.stats.request_uses[e] += 1
 
     def record_token(self) -> None:
         self.stats.request_steps += 1
 
     def new_request(self) -> None:
+        """Forget the previous request's uses and recency (see the class docstring)."""
+        self.stats.last_use[:] = -np.inf
         self.stats.request_uses[:] = 0
         self.stats.request_steps = 0
 
@@ -111,14 +125,19 @@ class LayerController:
         return slot
 
     def step(self, token_experts: list[list[int]], now: int) -> list[Chunk]:
-        """Tokens' chosen experts (in token order, token t at step now + t) -> chunks to compute."""
+        """Tokens' chosen experts (in token order, token t at step now + t) -> chunks to compute.
+
+        A step's experts are taken k at a time in ascending policy score (ties by id), so the ones
+        the policy values most come last and are what a step of many tokens (a prompt) leaves
+        cached, whichever of them were cached before."""
         c = self.counters
         for t, experts in enumerate(token_experts):
             self.cache.record_token()
             self.cache.record_use(experts, now + t)
         last = now + len(token_experts) - 1
         needed = sorted({e for experts in token_experts for e in experts})
-        ordered = [e for e in needed if self.cache.contains(e)] + [e for e in needed if not self.cache.contains(e)]
+        scores = self.cache.policy(np.array(needed, np.int64), self.cache.stats, last) if needed else []
+        ordered = [e for _, e in sorted(zip(scores, needed))]
         chunks = []
         for i in range(0, len(ordered), self.top_k):
             members = ordered[i : i + self.top_k]

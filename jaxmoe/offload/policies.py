@@ -1,8 +1,9 @@
 """Cache eviction policies: small pure functions shared by the runtime and the trace simulator.
 
 A policy scores the evictable cached experts of one layer; the lowest score is evicted (ties go to
-the first candidate, candidates being in slot order). Scores read only `ExpertStats`, the
-bookkeeping that `jaxmoe.offload.cache.LayerCache` keeps for every expert of its layer.
+the lowest expert id). Scores read only `ExpertStats`, the bookkeeping that
+`jaxmoe.offload.cache.LayerCache` keeps for every expert of its layer over the current request
+(see there why nothing carries over from earlier requests).
 
 LCP (least critical priority). An expert's criticality is the stall its absence would cost on the
 next token: probability of use times the cost of a miss,
@@ -43,8 +44,7 @@ import numpy as np
 class ExpertStats:
     """Per-expert counters of one layer; arrays of length E."""
 
-    last_use: np.ndarray  # step of the last use, -inf if never
-    uses: np.ndarray  # uses since the cache was created
+    last_use: np.ndarray  # step of the last use in the current request, -inf if none
     request_uses: np.ndarray  # uses in the current request
     prior: np.ndarray  # per-token use frequency from traces (sums to top_k); uniform without one
     request_steps: int = 0  # tokens seen in the current request
@@ -56,7 +56,6 @@ class ExpertStats:
             prior = np.full(num_experts, top_k / num_experts)
         return cls(
             last_use=np.full(num_experts, -np.inf),
-            uses=np.zeros(num_experts),
             request_uses=np.zeros(num_experts),
             prior=np.asarray(prior, np.float64),
         )
@@ -73,9 +72,10 @@ def lru(candidates: np.ndarray, s: ExpertStats, now: int) -> np.ndarray:
 
 
 def lfu(candidates: np.ndarray, s: ExpertStats, now: int) -> np.ndarray:
-    # Recency breaks ties between equal counts (scaled below one use).
+    """Uses in the current request, so a request's hit rate does not depend on the requests before
+    it; recency breaks ties between equal counts (scaled below one use)."""
     recency = np.where(np.isfinite(s.last_use[candidates]), s.last_use[candidates], -1.0)
-    return s.uses[candidates] + (recency + 1.0) / (now + 2.0) * 0.5
+    return s.request_uses[candidates] + (recency + 1.0) / (now + 2.0) * 0.5
 
 
 def lcp(candidates: np.ndarray, s: ExpertStats, now: int, miss_cost: float = 1.0) -> np.ndarray:
