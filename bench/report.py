@@ -67,8 +67,9 @@ def cpu_section() -> list[str]:
     if dec:
         out += [f"Decode on CPU against transformers (`bench/decode_cpu.py`; {_machine(dec)}; batch 1, greedy, "
                 f"{dec['settings']['new_tokens']} new tokens, median of {dec['settings']['repeats']}; transformers in "
-                f"its fastest setting; tokens identical; load average {dec['machine']['load_average'][0]:.1f} at the "
-                "start, other jobs sharing the machine slow both sides):", "",
+                f"its fastest setting; tokens identical; other jobs shared the machine, load average "
+                f"{dec['machine']['load_average'][0]:.1f} at the start and {dec['load_average_end'][0]:.1f} at the end, "
+                "which slows both sides and torch at 2 threads most):", "",
                 "| model | params | jaxmoe tok/s | transformers tok/s | ratio |", "|---|---|---|---|---|"]
         for name, m in dec["models"].items():
             out.append(f"| {name} | {m['params'] / 1e6:.1f}M | {m['jaxmoe']['decode_tokens_per_s']:.1f} | "

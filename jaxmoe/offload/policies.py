@@ -22,11 +22,12 @@ next token: probability of use times the cost of a miss,
   between layers with its full latency model instead.
 
 Constants (n0 = 4 tokens, half-life = 0.25 tokens) were tuned on the public Mixtral-8x7B trace
-(`shared/traces/mixtral-8x7b-instruct`, 8 experts, cache of 4 and 6, whole experts, no prefetch):
-decode hit rate 0.647 (4 slots) and 0.843 (6) with the trace's own frequencies as prior
-(in-sample, optimistic), 0.646 and 0.842 with no prior, against LFU's 0.643 and 0.839 and LRU's
-0.625 and 0.823 (`python bench/plan_plots.py`, `jaxmoe simulate`). With a leave-one-request-out
-prior (a tuning script, not shipped) it was 0.647 and 0.843 too. Longer half-lives, where recency
+(`tests/data/mixtral-8x7b-instruct`, 8 experts, cache of 4 and 6, whole experts, no prefetch):
+decode hit rate 0.648 (4 slots) and 0.843 (6) with the trace's own frequencies as prior
+(in-sample, optimistic), 0.646 and 0.842 with no prior, against LFU's 0.643 and 0.840 and LRU's
+0.626 and 0.824 (`python -m bench.trace_policies`, `jaxmoe simulate`). With a leave-one-request-out
+prior (a tuning script, not shipped; measured before statistics became per request) it was 0.647
+and 0.843. Longer half-lives, where recency
 weighs as much as frequency, did worse than LFU there: on that trace, what a request has used
 often predicts its next token better than what it used last. Tuned and scored on the same two
 requests, the margin over LFU (about 0.004) is small and may not carry over to other workloads.
