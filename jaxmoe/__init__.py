@@ -60,6 +60,7 @@ def load(
     kv_length: int = 2048,
     store=None,
     fast_path: bool = True,
+    progress: bool = False,
 ):
     """Load a converted (or Hugging Face, converted on first use) model; `None` loads the demo.
 
@@ -69,12 +70,13 @@ def load(
     `store` (an engine's `.store`) reuses experts already in host memory when only the policy,
     prefetch or cache sizes change. An offloaded load sets JAX's device memory limits first
     (jaxmoe.device_memory). `fast_path=False` makes every MoE layer take the host round trip
-    even when its cache cannot miss (for benchmarks that compare paths).
+    even when its cache cannot miss (for benchmarks that compare paths). `progress` shows a
+    conversion's progress bar.
     """
     from jaxmoe.engine import Engine
 
     if vram_budget is None and expert_budget is None and schedule is None:
-        return Engine.from_dir(resolve_model_dir(path))
+        return Engine.from_dir(resolve_model_dir(path, progress))
     from jaxmoe import device_memory
     from jaxmoe.offload import plan as planning
     from jaxmoe.offload.runtime import OffloadEngine
@@ -93,11 +95,9 @@ def load(
                                          policy=policy or "lru", prefetch=prefetch)
     planning.check_policy(plan)
     # Before conversion or loading can start JAX: XLA reads its memory settings once.
-    footprint = planning.footprint(config, plan)["total"]
-    memory = device_memory.configure(
-        max(vram_budget or 0, footprint) + device_memory.workspace_bytes(config, plan.kv_length),
-        planning.routed_expert_bytes(config))
-    engine = OffloadEngine.from_dir(resolve_model_dir(path), plan, store, fast_path=fast_path)
+    memory = device_memory.configure(device_memory.device_limit(config, plan, vram_budget, fast_path),
+                                     planning.routed_expert_bytes(config))
+    engine = OffloadEngine.from_dir(resolve_model_dir(path, progress), plan, store, fast_path=fast_path)
     engine.device_memory = memory
     return engine
 

@@ -19,8 +19,9 @@ def _convert(args) -> None:
 def _generate(args) -> None:
     import jaxmoe
 
-    model_dir = jaxmoe.resolve_model_dir(args.model_dir, progress=True)
-    engine = jaxmoe.load(model_dir, **_offload_options(args))
+    # load converts a Hugging Face directory itself: an offloaded load sets JAX's memory limits
+    # first, and conversion starts JAX.
+    engine = jaxmoe.load(args.model_dir, progress=True, **_offload_options(args))
 
     def stream(text: str) -> None:
         sys.stdout.write(text)
@@ -44,7 +45,7 @@ def _generate(args) -> None:
     print(summary, file=sys.stderr)
     if args.json:
         out = result.to_json()
-        out["model_dir"] = str(model_dir)
+        out["model_dir"] = str(engine.model_dir)
         print(json.dumps(out))
 
 

@@ -5,10 +5,12 @@ XLA reads three environment variables once, when JAX's backend starts:
 - `XLA_PYTHON_CLIENT_PREALLOCATE`: by default JAX takes 75% of the GPU at start-up whatever the
   model needs; jaxmoe turns that off, so memory is allocated as used.
 - `XLA_PYTHON_CLIENT_MEM_FRACTION`: the share of the GPU JAX's allocator may ever hold; jaxmoe sets
-  it to the budget plus a workspace (`workspace_bytes`), so an offloaded model cannot quietly grow
-  past what the user allowed: it fails with an out-of-memory error instead.
-- `XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`: XLA caps pinned host memory at 64 GiB by default; models
-  whose experts need more get the cap raised (never lowered).
+  it to the budget plus a workspace (`device_limit`), so an offloaded model cannot quietly grow
+  past what the user allowed: it fails with an out-of-memory error instead. jaxlib also reads the
+  newer name `XLA_CLIENT_MEM_FRACTION` and refuses to start with both set, so a user's setting of
+  either one stands.
+- `XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`: XLA caps pinned host memory at 64 GiB by default (it reads
+  the value in GiB); models whose experts need more get the cap raised (never lowered).
 
 `jaxmoe.load` calls `configure` before anything can start the backend. A variable the user
 exported is left as it is, and once JAX has started nothing is changed; the report says which.
@@ -23,19 +25,38 @@ import shutil
 import subprocess
 
 from jaxmoe.config import ModelConfig
+from jaxmoe.offload import plan as planning
+from jaxmoe.offload.plan import OffloadPlan
 
 GiB = 2**30
 XLA_HOST_LIMIT_GB = 64  # XLA's default cap on pinned host memory
 SCRATCH_BYTES = 256 * 2**20  # compiled-code scratch, cuBLAS/cuDNN workspaces
 
 
+# Names under which a user may have set each variable `settings` writes.
+USER_NAMES = {"XLA_PYTHON_CLIENT_MEM_FRACTION": ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION")}
+
+
 def workspace_bytes(config: ModelConfig, kv_length: int) -> int:
     """Memory a forward pass needs beyond the planned footprint (weights, caches, transfer
-    buffers): the activations of the longest prompt (kv_length tokens, float32) -- its logits, a
-    few hidden-state buffers and the routed experts' intermediate products -- plus fixed scratch."""
+    buffers): the activations of the longest prompt (kv_length tokens, float32) -- one layer's
+    attention scores (a row of kv_length per head and token), its logits, a few hidden-state
+    buffers and the routed experts' intermediate products -- plus fixed scratch."""
     rows = kv_length
-    per_token = config.vocab_size + 4 * config.hidden_size + 2 * config.top_k * config.moe_intermediate_size
+    per_token = (config.num_heads * kv_length + config.vocab_size + 4 * config.hidden_size
+                 + 2 * config.top_k * config.moe_intermediate_size)
     return SCRATCH_BYTES + 4 * rows * per_token
+
+
+def device_limit(config: ModelConfig, plan: OffloadPlan, vram_budget: int | None = None,
+                 fast_path: bool = True) -> int:
+    """The cap for JAX's allocator: the user's budget (else the planned footprint) plus
+    `workspace_bytes`, plus, when a layer caches every expert whole and runs as the resident model
+    does (`fast_path`), one layer's experts: the resident prefill stacks them for a grouped
+    matmul on GPU."""
+    limit = max(vram_budget or 0, planning.footprint(config, plan)["total"]) + workspace_bytes(config, plan.kv_length)
+    whole = any(p.slots == config.num_experts and p.split_rows == config.moe_intermediate_size for p in plan.layers)
+    return limit + (config.num_experts * config.expert_bytes() if fast_path and whole else 0)
 
 
 def settings(device_limit_bytes: int, pinned_host_bytes: int, device_total_bytes: int | None) -> dict[str, str]:
@@ -44,7 +65,7 @@ def settings(device_limit_bytes: int, pinned_host_bytes: int, device_total_bytes
     out = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     if device_total_bytes:
         out["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(1.0, device_limit_bytes / device_total_bytes):.4f}"
-    host_gb = math.ceil(pinned_host_bytes / 1e9) + 1
+    host_gb = math.ceil(pinned_host_bytes / GiB) + 1
     out["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"] = str(max(XLA_HOST_LIMIT_GB, host_gb))
     return out
 
@@ -76,8 +97,9 @@ def configure(device_limit_bytes: int, pinned_host_bytes: int) -> dict:
     total = gpu_total_bytes()
     report["device_total_bytes"] = total
     for name, value in settings(device_limit_bytes, pinned_host_bytes, total).items():
-        if name in os.environ:
-            report["user_set"][name] = os.environ[name]
+        users = {n: os.environ[n] for n in USER_NAMES.get(name, (name,)) if n in os.environ}
+        if users:
+            report["user_set"].update(users)
         else:
             os.environ[name] = report["applied"][name] = value
     return report

@@ -49,9 +49,9 @@ def test_transfer_log_holds_every_decode_byte(converted):
 
 
 def test_settings_cap_the_allocator_and_only_raise_the_host_limit():
-    s = device_memory.settings(20 * 2**30, 100 * 10**9, 80 * 2**30)
+    s = device_memory.settings(20 * 2**30, 100 * 10**9, 80 * 2**30)  # XLA reads the host limit in GiB
     assert s == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.2500",
-                 "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "101"}
+                 "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "95"}
     s = device_memory.settings(100 * 2**30, 10**9, 80 * 2**30)
     assert s["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "1.0000" and s["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"] == "64"
     assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in device_memory.settings(2**30, 0, None)  # no GPU
@@ -78,3 +78,62 @@ print(json.dumps(device_memory.configure(1, 1)))
     assert first["device_limit_bytes"] == want
     assert late["backend_already_started"] and late["applied"] == {}
     assert np.isfinite(want)
+
+
+def test_device_limit_counts_prefill_activations_and_stacked_experts():
+    from jaxmoe.models import preset
+
+    config = preset("mixtral-8x7b")
+    attention = 4 * config.num_heads * 2048 * 2048  # one layer's float32 scores of a 2048-token prompt
+    assert device_memory.workspace_bytes(config, 2048) > device_memory.SCRATCH_BYTES + attention
+    half = planning.plan_from_budget(config, expert_budget=0.5)
+    assert device_memory.device_limit(config, half) == (planning.footprint(config, half)["total"]
+                                                        + device_memory.workspace_bytes(config, 2048))
+    assert device_memory.device_limit(config, half, vram_budget=80 * 2**30) == (
+        80 * 2**30 + device_memory.workspace_bytes(config, 2048))
+    full = planning.plan_from_budget(config, expert_budget=1.0)
+    stacked = config.num_experts * config.expert_bytes()  # a whole-cache layer's prefill on GPU
+    assert (device_memory.device_limit(config, full) - device_memory.device_limit(config, full, fast_path=False)
+            == stacked)
+
+
+def _clean_env(**extra) -> dict[str, str]:
+    """This environment without XLA memory settings, on the CPU, with `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_P", "XLA_CLIENT"))}
+    return {**env, "JAX_PLATFORMS": "cpu", **extra}
+
+
+def _fresh_process(code: str, **env) -> str:
+    return subprocess.run([sys.executable, "-c", code], env=_clean_env(**env), capture_output=True, text=True,
+                          check=True, timeout=300).stdout
+
+
+def test_a_user_fraction_under_either_name_stands():
+    """jaxlib refuses to start with both XLA_CLIENT_MEM_FRACTION and XLA_PYTHON_CLIENT_MEM_FRACTION."""
+    code = """
+import json, os
+from jaxmoe import device_memory
+device_memory.gpu_total_bytes = lambda: 80 * 2**30  # as if on an 80 GiB GPU
+print(json.dumps([device_memory.configure(2**30, 0), os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")]))
+"""
+    report, fraction = json.loads(_fresh_process(code, XLA_CLIENT_MEM_FRACTION="0.5").strip().splitlines()[-1])
+    assert not report["backend_already_started"] and fraction is None
+    assert report["user_set"] == {"XLA_CLIENT_MEM_FRACTION": "0.5"}
+    assert report["applied"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    report, fraction = json.loads(_fresh_process(code).strip().splitlines()[-1])
+    assert fraction == report["applied"]["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.0125"
+
+
+def test_cli_sets_memory_before_a_first_use_conversion_starts_jax(tmp_path):
+    """`jaxmoe generate` on a model not yet converted: conversion starts JAX, so the limits must be
+    set before it."""
+    from jaxmoe.demo import MODEL_DIR
+
+    proc = subprocess.run([sys.executable, "-m", "jaxmoe.cli", "generate", str(MODEL_DIR), "--prompt", "def f(x):",
+                           "--max-new-tokens", "2", "--expert-budget", "0.5", "--json"],
+                          env=_clean_env(JAXMOE_CACHE=str(tmp_path)), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["model_dir"].startswith(str(tmp_path))  # converted in this run
+    assert not report["device_memory"]["backend_already_started"]
+    assert report["device_memory"]["applied"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
