@@ -144,9 +144,8 @@ def main(argv=None) -> dict:
     full = planning.plan_from_budget(config, expert_budget=1.0, kv_length=kv)
     # Before anything starts JAX (conversion does): the largest run, every expert cached, sets the
     # process's device limit, which XLA reads once.
-    memory_settings = device_memory.configure(
-        planning.footprint(config, full)["total"] + device_memory.workspace_bytes(config, kv),
-        planning.routed_expert_bytes(config))
+    memory_settings = device_memory.configure(device_memory.device_limit(config, full),
+                                              planning.routed_expert_bytes(config))
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="jaxmoe-offload-gpu-"))
     t = time.perf_counter()
     _, model_dir = harness.build_model(f"{args.preset}-L{args.layers}{'-smoke' if args.smoke else ''}", hf_cfg,

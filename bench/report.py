@@ -79,8 +79,9 @@ def cpu_section() -> list[str]:
     if off:
         parts = [f"{name} {m['full_budget_vs_resident']:.2f}x" for name, m in off["models"].items()]
         out += ["Offload runtime on CPU (`bench/offload_cpu.py`; device and host memory are the same RAM here, so "
-                "this is the runtime's own cost): every expert cached, against the resident engine: "
-                + ", ".join(parts) + ".", ""]
+                "this is the runtime's own cost; load average "
+                f"{off['machine']['load_average'][0]:.1f} at the start, so run-to-run noise is large): every expert "
+                "cached, against the resident engine: " + ", ".join(parts) + ".", ""]
     sim = _load("simulate_mixtral_trace.json")
     if sim:
         out += [f"Cache hit rates replaying the public Mixtral-8x7B routing trace ({sim['decode_tokens']} decode tokens; "
