@@ -146,6 +146,17 @@ def median(values) -> float:
     return float(statistics.median(values))
 
 
+def seconds(fn: Callable[[], Any], repeats: int) -> list[float]:
+    """Wall seconds of `repeats` calls of fn after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def repeat(fn: Callable[[], dict], repeats: int, key: str = "decode_tokens_per_s") -> dict:
     """One warm-up call (compilation, first-touch) reported apart, then `repeats` timed calls:
     the median call's figures, every call's `key`, and the warm-up's."""
@@ -400,12 +411,7 @@ def h2d_bandwidth_jax(sizes_mb, repeats: int = 5) -> list[dict]:
     rows = []
     for mb in sizes_mb:
         x = jax.device_put(np.ones(mb * 2**19, np.uint16), host)
-        jax.device_put(x, device).block_until_ready()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            jax.device_put(x, device).block_until_ready()
-            times.append(time.perf_counter() - t)
+        times = seconds(lambda: jax.device_put(x, device).block_until_ready(), repeats)
         rows.append({"bytes": int(x.nbytes), "seconds": median(times), "gb_per_s": x.nbytes / median(times) / 1e9})
     return rows
 

@@ -50,14 +50,11 @@ def copy_only(log: list, steps: int, repeats: int) -> dict:
         by_step[step].append(segment)
     device = memory("device")
 
-    def once() -> float:
-        t = time.perf_counter()
+    def once() -> None:
         for segments in by_step.values():
             jax.block_until_ready(jax.device_put(segments, device))
-        return time.perf_counter() - t
 
-    once()
-    times = [once() for _ in range(repeats)]
+    times = harness.seconds(once, repeats)
     moved = sum(a.nbytes for segments in by_step.values() for a in jax.tree.leaves(segments))
     return {"s_per_token": statistics.median(times) / steps, "bytes_per_token": moved / steps, "steps": steps,
             "runs_s": times}
@@ -92,8 +89,7 @@ def transfer_designs(config, experts_per_step: int, steps: int) -> dict:
         jax.block_until_ready([jax.device_put(per_expert[i], device) for row in ids for i in row])
 
     def timed(fn) -> float:
-        fn()
-        return statistics.median(_clock(fn) for _ in range(3))
+        return statistics.median(harness.seconds(fn, 3))
 
     out = {"bytes_per_run": nbytes, "eager_gb_per_s": nbytes / timed(eager) / 1e9}
     try:
@@ -107,12 +103,6 @@ def transfer_designs(config, experts_per_step: int, steps: int) -> dict:
     except Exception as exc:  # whether XLA takes the design on this platform is itself the result
         out["in_jit_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     return out
-
-
-def _clock(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def main(argv=None) -> dict:
